@@ -1,0 +1,3 @@
+from bloger_cli.cli import main
+
+main()

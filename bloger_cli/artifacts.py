@@ -1,0 +1,198 @@
+"""Artifact specs and the one Parquet I/O layer: atomic writes with metadata, schema-checked reads.
+
+Every artifact is a Parquet file in the workspace whose footer carries key-value metadata:
+``bloger.kind``, ``bloger.schema_version``, ``bloger.config_hash``, ``bloger.parents`` (JSON: parent
+kind -> content hash), ``bloger.version`` and ``bloger.meta`` (JSON, stage-specific). Writers produce a
+temporary file in the destination directory; the stage runner renames it into place on success.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bloger_cli import __version__
+from bloger_cli.errors import ArtifactError
+
+SCHEMA_VERSION_KEY = "bloger.schema_version"
+
+
+@dataclass(frozen=True)
+class ArtifactSpec:
+    """What an artifact must look like: required columns and types, and which stage writes it."""
+
+    kind: str
+    filename: str
+    schema: pa.Schema
+    producer: str
+    version: int = 1
+    extra_type: pa.DataType | None = None  # type every further column must have (None: no extras)
+
+    def missing_hint(self) -> str:
+        return f"run `bloger {self.producer}` first"
+
+
+SPECS: dict[str, ArtifactSpec] = {
+    spec.kind: spec
+    for spec in (
+        ArtifactSpec(
+            "interactions", "interactions.parquet",
+            pa.schema([("user_id", pa.int32()), ("item_id", pa.int32()), ("ts", pa.int64())]),
+            producer="prepare",
+        ),
+        ArtifactSpec(
+            "users", "users.parquet",
+            pa.schema([("user_id", pa.int32()), ("user_key", pa.string()), ("n_interactions", pa.int32())]),
+            producer="prepare",
+        ),
+        ArtifactSpec(
+            "items", "items.parquet",
+            pa.schema([("item_id", pa.int32()), ("item_key", pa.string()), ("n_interactions", pa.int32())]),
+            producer="prepare",
+            extra_type=pa.string(),  # the item's text fields (title, brand, ...)
+        ),
+        ArtifactSpec(
+            "sequences", "sequences.parquet",
+            pa.schema([("user_id", pa.int32()), ("items", pa.list_(pa.int32())), ("ts", pa.list_(pa.int64()))]),
+            producer="prepare",
+        ),
+    )
+}
+
+
+@dataclass
+class ArtifactInfo:
+    """An artifact file as found on disk: its metadata and content hash."""
+
+    kind: str
+    path: Path
+    rows: int
+    config_hash: str
+    parents: dict[str, str]
+    meta: dict[str, Any] = field(default_factory=dict)
+    content_hash: str = ""
+
+
+def _same_type(actual: pa.DataType, expected: pa.DataType) -> bool:
+    """Type equality that ignores list item names and nullability (DuckDB and pyarrow name them differently)."""
+    if pa.types.is_list(expected) or pa.types.is_large_list(expected):
+        return (pa.types.is_list(actual) or pa.types.is_large_list(actual)) and _same_type(
+            actual.value_type, expected.value_type
+        )
+    if pa.types.is_fixed_size_list(expected):
+        return (
+            pa.types.is_fixed_size_list(actual)
+            and actual.list_size == expected.list_size
+            and _same_type(actual.value_type, expected.value_type)
+        )
+    if pa.types.is_string(expected):
+        return pa.types.is_string(actual) or pa.types.is_large_string(actual)
+    return actual == expected
+
+
+def check_schema(path: Path, schema: pa.Schema, spec: ArtifactSpec) -> None:
+    """Raise ArtifactError naming the file, the column, and the expected vs actual types."""
+    fix = f"re-run `bloger {spec.producer} --force`"
+    actual = {f.name: f.type for f in schema}
+    for expected in spec.schema:
+        if expected.name not in actual:
+            raise ArtifactError(
+                f"{path}: missing column {expected.name!r} (expected {expected.type}); "
+                f"columns are {', '.join(actual) or 'none'}",
+                hint=fix,
+            )
+        if not _same_type(actual[expected.name], expected.type):
+            raise ArtifactError(
+                f"{path}: column {expected.name!r} has type {actual[expected.name]}, expected {expected.type}",
+                hint=fix,
+            )
+    for name, dtype in actual.items():
+        if name in spec.schema.names:
+            continue
+        if spec.extra_type is None or not _same_type(dtype, spec.extra_type):
+            allowed = f"extra columns must be {spec.extra_type}" if spec.extra_type else "no extra columns allowed"
+            raise ArtifactError(f"{path}: unexpected column {name!r} of type {dtype} ({allowed})", hint=fix)
+
+
+def file_hash(path: Path) -> str:
+    """sha256 of a file's bytes, streamed (the identity lineage is tracked by)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def make_metadata(spec: ArtifactSpec, config_hash: str, parents: dict[str, str],
+                  meta: dict[str, Any] | None = None) -> dict[str, str]:
+    """The key-value metadata written into every artifact's footer."""
+    return {
+        "bloger.kind": spec.kind,
+        SCHEMA_VERSION_KEY: str(spec.version),
+        "bloger.config_hash": config_hash,
+        "bloger.parents": json.dumps(parents, sort_keys=True),
+        "bloger.version": __version__,
+        "bloger.meta": json.dumps(meta or {}, sort_keys=True),
+    }
+
+
+def read_info(path: Path, spec: ArtifactSpec, *, with_hash: bool = False) -> ArtifactInfo:
+    """Read an artifact's footer, checking kind, schema version and columns."""
+    if not path.is_file():
+        raise ArtifactError(f"no {spec.kind} artifact at {path}", hint=spec.missing_hint())
+    try:
+        md = pq.read_metadata(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ArtifactError(f"{path} is not a readable Parquet file ({exc})",
+                            hint=f"re-run `bloger {spec.producer} --force`") from None
+    kv = {k.decode(): v.decode() for k, v in (md.metadata or {}).items()}
+    if kv.get("bloger.kind") != spec.kind:
+        raise ArtifactError(f"{path} is not a bloger {spec.kind} artifact (kind {kv.get('bloger.kind')!r})",
+                            hint=f"re-run `bloger {spec.producer} --force`")
+    if kv.get(SCHEMA_VERSION_KEY) != str(spec.version):
+        raise ArtifactError(
+            f"{path} has schema version {kv.get(SCHEMA_VERSION_KEY)}, this bloger reads version {spec.version}",
+            hint=f"re-run `bloger {spec.producer} --force`",
+        )
+    check_schema(path, md.schema.to_arrow_schema(), spec)
+    return ArtifactInfo(
+        kind=spec.kind, path=path, rows=md.num_rows, config_hash=kv.get("bloger.config_hash", ""),
+        parents=json.loads(kv.get("bloger.parents", "{}")), meta=json.loads(kv.get("bloger.meta", "{}")),
+        content_hash=file_hash(path) if with_hash else "",
+    )
+
+
+def write_arrow(table: pa.Table, path: Path, metadata: dict[str, str]) -> None:
+    """Write an Arrow table with footer metadata (the caller picks a temporary path)."""
+    existing = table.schema.metadata or {}
+    table = table.replace_schema_metadata({**existing, **{k.encode(): v.encode() for k, v in metadata.items()}})
+    pq.write_table(table, path, compression="zstd")
+
+
+def copy_query(con: Any, query: str, path: Path, metadata: dict[str, str]) -> None:
+    """Let DuckDB write a query's result straight to Parquet with footer metadata (no Python rows)."""
+    kv = ", ".join(f"'{k}': '{_sql_str(v)}'" for k, v in metadata.items())
+    con.execute(f"COPY ({query}) TO '{_sql_str(str(path))}' "
+                f"(FORMAT parquet, COMPRESSION zstd, KV_METADATA {{{kv}}})")
+
+
+def _sql_str(text: str) -> str:
+    return text.replace("'", "''")
+
+
+def temp_path_for(final: Path) -> Path:
+    """A temporary file beside `final` (same filesystem, so the rename is atomic)."""
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+
+
+def read_table(path: Path, spec: ArtifactSpec, columns: list[str] | None = None) -> pa.Table:
+    """Read an artifact after checking its footer."""
+    read_info(path, spec)
+    return pq.read_table(path, columns=columns)

@@ -1,0 +1,146 @@
+"""The workspace catalog: a DuckDB file recording every stage run and every artifact it wrote.
+
+Connections are short-lived (open, write, close) so that `bloger status` can read while a stage runs;
+stage runs themselves are serialised by the workspace lock, not by DuckDB.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import duckdb
+
+from bloger_cli import __version__
+from bloger_cli.artifacts import SPECS, ArtifactInfo
+from bloger_cli.errors import WorkspaceBusy, WorkspaceError
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id VARCHAR PRIMARY KEY, stage VARCHAR NOT NULL, status VARCHAR NOT NULL,
+    config JSON, config_hash VARCHAR, fingerprint VARCHAR, inputs JSON,
+    started_at TIMESTAMP, finished_at TIMESTAMP, result JSON, error VARCHAR, bloger_version VARCHAR
+);
+CREATE TABLE IF NOT EXISTS artifacts (
+    kind VARCHAR NOT NULL, path VARCHAR NOT NULL, schema_version INTEGER, config_hash VARCHAR,
+    content_hash VARCHAR, parents JSON, rows BIGINT, bloger_version VARCHAR,
+    created_at TIMESTAMP, run_id VARCHAR, current BOOLEAN
+);
+"""
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    stage: str
+    status: str
+    config: dict[str, Any]
+    config_hash: str
+    fingerprint: str
+    inputs: dict[str, str]
+    started_at: datetime | None
+    finished_at: datetime | None
+    result: dict[str, Any]
+    error: str | None
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)  # stored as UTC
+
+
+class Catalog:
+    """Records runs and artifacts of one workspace in `catalog.duckdb`."""
+
+    def __init__(self, path: Path, busy_timeout: float = 30.0) -> None:
+        self.path = path
+        self.busy_timeout = busy_timeout
+
+    @contextmanager
+    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A short connection; retries while another process has the file open for writing."""
+        if read_only and not self.path.exists():
+            raise WorkspaceError(f"{self.path.parent} is not a bloger workspace (no catalog.duckdb)",
+                                 hint="run `bloger prepare` there first")
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                con = duckdb.connect(str(self.path), read_only=read_only)
+                break
+            except duckdb.IOException as exc:
+                if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                    raise WorkspaceBusy(f"cannot open {self.path}: {exc}") from None
+                time.sleep(0.1)
+        try:
+            if not read_only:
+                con.execute(_SCHEMA)
+            yield con
+        finally:
+            con.close()
+
+    def start_run(self, stage: str, config: dict[str, Any], config_hash: str, fingerprint: str,
+                  inputs: dict[str, str]) -> str:
+        run_id = f"{stage}-{_now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+        with self.connect() as con:
+            con.execute(
+                "INSERT INTO runs VALUES (?, ?, 'running', ?, ?, ?, ?, ?, NULL, NULL, NULL, ?)",
+                [run_id, stage, json.dumps(config), config_hash, fingerprint, json.dumps(inputs), _now(),
+                 __version__],
+            )
+        return run_id
+
+    def finish_run(self, run_id: str, status: str, result: dict[str, Any] | None = None,
+                   error: str | None = None, artifacts: list[ArtifactInfo] = ()) -> None:
+        """Close a run; on success register its artifacts as the current ones of their kinds."""
+        with self.connect() as con:
+            con.execute("BEGIN")
+            for info in artifacts:
+                con.execute("UPDATE artifacts SET current = false WHERE kind = ?", [info.kind])
+                con.execute(
+                    "INSERT INTO artifacts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, true)",
+                    [info.kind, info.path.name, SPECS[info.kind].version, info.config_hash,
+                     info.content_hash, json.dumps(info.parents), info.rows, __version__, _now(), run_id],
+                )
+            con.execute(
+                "UPDATE runs SET status = ?, finished_at = ?, result = ?, error = ? WHERE run_id = ?",
+                [status, _now(), json.dumps(result) if result is not None else None, error, run_id],
+            )
+            con.execute("COMMIT")
+
+    def current_artifacts(self) -> dict[str, dict[str, Any]]:
+        """kind -> the current artifact's catalog row."""
+        if not self.path.exists():
+            return {}
+        with self.connect(read_only=True) as con:
+            cur = con.execute("SELECT * FROM artifacts WHERE current ORDER BY kind")
+            names = [d[0] for d in cur.description]
+            return {row[0]: dict(zip(names, row)) for row in cur.fetchall()}
+
+    def runs(self, stage: str | None = None, status: str | None = None) -> list[RunRecord]:
+        """Runs, newest first, optionally filtered."""
+        if not self.path.exists():
+            return []
+        with self.connect(read_only=True) as con:
+            rows = con.execute(
+                "SELECT run_id, stage, status, config, config_hash, fingerprint, inputs, started_at, "
+                "finished_at, result, error FROM runs WHERE (? IS NULL OR stage = ?) "
+                "AND (? IS NULL OR status = ?) ORDER BY started_at DESC",
+                [stage, stage, status, status],
+            ).fetchall()
+        return [
+            RunRecord(r[0], r[1], r[2], json.loads(r[3] or "{}"), r[4], r[5], json.loads(r[6] or "{}"),
+                      r[7], r[8], json.loads(r[9]) if r[9] else {}, r[10])
+            for r in rows
+        ]
+
+    def last_done(self, stage: str) -> RunRecord | None:
+        runs = self.runs(stage, "done")
+        return runs[0] if runs else None

@@ -1,0 +1,201 @@
+"""The `bloger` command line: thin commands over the library, one error boundary.
+
+Each stage command resolves its config (file -> options -> --set), calls one library function and
+renders the result: a rich table on stderr, or one JSON object on stdout with --json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+from typer.core import TyperGroup
+
+from bloger_cli import __version__, progress
+from bloger_cli.config import resolve_config
+from bloger_cli.errors import BlogerError
+from bloger_cli.workspace import DEFAULT_WORKSPACE, Workspace, stage_status
+
+err = Console(stderr=True)
+_state = {"debug": False}
+
+
+def format_validation_error(exc: ValidationError, stage: str) -> str:
+    """One bullet per invalid field, named as the user would write it in --set."""
+    lines = [f"invalid {stage} config ({exc.error_count()} error{'s' if exc.error_count() > 1 else ''}):"]
+    for e in exc.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or stage
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  • {loc}: unknown key (check the spelling; `bloger {stage} --help` lists options)")
+        else:
+            given = f" (got {e['input']!r})" if e["type"] not in ("value_error", "missing") else ""
+            lines.append(f"  • {loc}: {e['msg'].removeprefix('Value error, ')}{given}")
+    return "\n".join(lines)
+
+
+class BoundaryGroup(TyperGroup):
+    """The one error boundary: expected errors become a red line and an exit code, no traceback."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BlogerError as exc:
+            if _state["debug"]:
+                raise
+            err.print(f"[bold red]error:[/] {exc.message}", markup=True, highlight=False, soft_wrap=True)
+            if exc.hint:
+                err.print(f"  hint: {exc.hint}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except ValidationError as exc:
+            if _state["debug"]:
+                raise
+            stage = ctx.invoked_subcommand or "bloger"
+            err.print(f"[bold red]error:[/] {format_validation_error(exc, stage)}", highlight=False,
+                      soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("[bold red]interrupted[/]")
+            raise typer.Exit(130) from None
+
+
+app = typer.Typer(
+    cls=BoundaryGroup, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="bloger: generative recommenders with BLOGER bi-level tokenizer/recommender training.",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"bloger {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Print the version and exit.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each step (stderr).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors; no progress bars.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Debug logs and full tracebacks.")] = False,
+) -> None:
+    """Stages: prepare -> embed -> tokenize -> train-bilevel -> evaluate -> export-ids."""
+    _state["debug"] = debug
+    progress.set_quiet(quiet)
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING
+    root = logging.getLogger("bloger_cli")
+    root.handlers[:] = [RichHandler(console=err, show_path=debug, show_time=False, markup=False)]
+    root.setLevel(level)
+    root.propagate = False
+
+
+# Options every stage command shares.
+WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", envvar="BLOGER_WORKSPACE",
+                                            help="Workspace directory (catalog + artifacts).")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config; its stage section is used.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key: key=value (repeatable).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if it is up to date.")]
+LockOpt = Annotated[float, typer.Option("--lock-timeout", help="Seconds to wait for a busy workspace.")]
+
+
+def emit(result: dict[str, Any], as_json: bool, render) -> None:
+    """--json: one object on stdout; otherwise the stage's rich rendering on stderr."""
+    if as_json:
+        sys.stdout.write(json.dumps(result, default=str) + "\n")
+    else:
+        render(result)
+
+
+def _render_prepare(out: dict[str, Any]) -> None:
+    r = out["result"]
+    if out["skipped"]:
+        err.print(f"prepare is up to date (run {out['run_id']}); use --force to redo it")
+    table = Table(title=f"prepare: {r['source']}", title_justify="left")
+    table.add_column("statistic")
+    table.add_column("value", justify="right")
+    for key in ("users", "items", "interactions"):
+        table.add_row(key, f"{r[key]:,}")
+    table.add_row("sparsity", f"{r['sparsity']:.4%}")
+    table.add_row("sequence length avg / median", f"{r['avg_sequence_length']:.2f} / {r['median_sequence_length']:g}")
+    table.add_row("sequence length min / max", f"{r['min_sequence_length']} / {r['max_sequence_length']}")
+    s = r["samples"]
+    table.add_row(f"samples train / valid / test (history <= {r['max_history']})",
+                  f"{s['train']:,} / {s['valid']:,} / {s['test']:,}")
+    table.add_row("item text fields", ", ".join(r["text_fields"]) or "none")
+    table.add_row("items without text", f"{r['items_without_text']:,}")
+    for step in r["steps"]:
+        table.add_row(f"removed: {step['step']}", f"{step['removed']:,}")
+    err.print(table)
+    for note in r.get("notes", []):
+        err.print(f"note: {note}")
+
+
+@app.command()
+def prepare(
+    workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+    lock_timeout: LockOpt = 60.0,
+    source: Annotated[Optional[str], typer.Option(
+        help="letter | amazon | amazon2023 | movielens | recbole | table | synthetic")] = None,
+    input: Annotated[Optional[Path], typer.Option("--input", "-i", help="Interactions file or source directory.")] = None,
+    items: Annotated[Optional[Path], typer.Option(help="Item metadata file (default: found beside the input).")] = None,
+    user_col: Annotated[Optional[str], typer.Option(help="table: user column.")] = None,
+    item_col: Annotated[Optional[str], typer.Option(help="table: item column.")] = None,
+    time_col: Annotated[Optional[str], typer.Option(help="table: timestamp column.")] = None,
+    rating_col: Annotated[Optional[str], typer.Option(help="table: rating column.")] = None,
+    item_key_col: Annotated[Optional[str], typer.Option(help="table: item key column in --items.")] = None,
+    min_rating: Annotated[Optional[float], typer.Option(help="Keep interactions rated at least this.")] = None,
+    duplicates: Annotated[Optional[str], typer.Option(help="Repeated (user, item): first | all.")] = None,
+    min_user_interactions: Annotated[Optional[int], typer.Option(help="k-core threshold for users [5].")] = None,
+    min_item_interactions: Annotated[Optional[int], typer.Option(help="k-core threshold for items [5].")] = None,
+    max_history: Annotated[Optional[int], typer.Option(help="History length of each sample [20].")] = None,
+) -> None:
+    """Turn raw interactions (+ item text) into interactions, users, items and sequences artifacts."""
+    from bloger_cli.data import prepare as stage
+
+    options = {k: v for k, v in locals().items() if k in _PREPARE_OPTIONS}
+    cfg = resolve_config("prepare", config, options, set_)
+    out = stage.run(cfg, Workspace(workspace), force=force, lock_timeout=lock_timeout)
+    emit({"stage": "prepare", "run_id": out.run_id, "skipped": out.skipped, "result": out.result},
+         as_json, _render_prepare)
+
+
+_PREPARE_OPTIONS = {"source", "input", "items", "user_col", "item_col", "time_col", "rating_col", "item_key_col",
+                    "min_rating", "duplicates", "min_user_interactions", "min_item_interactions", "max_history"}
+
+
+@app.command()
+def status(workspace: WorkspaceOpt = DEFAULT_WORKSPACE, as_json: JsonOpt = False) -> None:
+    """List each stage of a workspace as done, stale or missing."""
+    ws = Workspace(workspace)
+    if not ws.catalog.path.exists():
+        raise BlogerError(f"{workspace} is not a bloger workspace (no catalog.duckdb)",
+                          hint="run `bloger prepare` first")
+    rows = stage_status(ws)
+
+    def render(result: dict[str, Any]) -> None:
+        table = Table(title=f"workspace {workspace}", title_justify="left")
+        for col in ("stage", "state", "reason", "last run"):
+            table.add_column(col)
+        colour = {"done": "green", "stale": "yellow", "missing": "red"}
+        for r in result["stages"]:
+            table.add_row(r["stage"], f"[{colour[r['state']]}]{r['state']}[/]", r["reason"], r["run_id"] or "")
+        err.print(table)
+
+    emit({"workspace": str(workspace), "stages": rows}, as_json, render)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

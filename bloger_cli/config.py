@@ -1,0 +1,167 @@
+"""Stage configs: one pydantic model per stage, resolved as file -> named options -> `--set` overrides.
+
+A TOML config file holds one section per stage (``[prepare]``, ``[embed]``, ...). A stage reads its own
+section; ``--set key=value`` (or ``--set prepare.key=value``) overrides one key, dotted for nested
+sections. The resolved config's hash goes into the catalog and every artifact's metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from bloger_cli.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+STAGES = ("prepare", "embed", "tokenize", "train-bilevel", "evaluate", "export-ids")
+
+
+class StrictModel(BaseModel):
+    """Base for every config: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+SourceKind = Literal["letter", "amazon", "amazon2023", "movielens", "recbole", "table", "synthetic"]
+
+
+class SyntheticConfig(StrictModel):
+    """A deterministic synthetic catalog: users drift between related categories."""
+
+    users: int = Field(1000, ge=1, description="number of users")
+    items: int = Field(500, ge=2, description="number of items")
+    categories: int = Field(20, ge=2, description="item categories (arranged on a ring of related ones)")
+    interactions: int = Field(20_000, ge=1, description="total interactions (spread over users)")
+    drift: float = Field(0.15, ge=0.0, le=1.0, description="chance per step to move to a neighbouring category")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _enough_items(self) -> "SyntheticConfig":
+        if self.items < self.categories:
+            raise ValueError(
+                f"synthetic.items ({self.items}) must be at least synthetic.categories ({self.categories})"
+            )
+        return self
+
+
+class PrepareConfig(StrictModel):
+    """`bloger prepare`: raw interactions (+ item text) -> interactions, users, items, sequences."""
+
+    source: SourceKind = "letter"
+    input: Path | None = Field(None, description="interactions file or directory holding the source files")
+    items: Path | None = Field(None, description="item metadata file (default: found next to the input)")
+    user_col: str | None = Field(None, description="table source: user column")
+    item_col: str | None = Field(None, description="table source: item column")
+    time_col: str | None = Field(None, description="table source: timestamp column (row order if absent)")
+    rating_col: str | None = Field(None, description="table source: rating column")
+    item_key_col: str | None = Field(None, description="table source: item key column of the items file")
+    min_rating: float | None = Field(None, description="keep interactions with rating >= this")
+    duplicates: Literal["first", "all"] = Field("first", description="repeated (user, item): keep first or all")
+    min_user_interactions: int = Field(5, ge=1)
+    min_item_interactions: int = Field(5, ge=1)
+    max_history: int = Field(20, ge=1, description="items of history per training sample")
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> "PrepareConfig":
+        if self.source == "synthetic":
+            if self.input is not None:
+                raise ValueError("input must not be set when source is 'synthetic'")
+            return self
+        if self.input is None:
+            raise ValueError(f"input is required when source is {self.source!r} (give --input PATH)")
+        if self.source == "table" and (self.user_col is None or self.item_col is None):
+            raise ValueError("source 'table' needs both user_col and item_col (--user-col, --item-col)")
+        if self.source != "table":
+            mapped = [n for n in ("user_col", "item_col", "time_col", "rating_col", "item_key_col")
+                      if getattr(self, n) is not None]
+            if mapped:
+                raise ValueError(f"{', '.join(mapped)} only apply to source 'table', not {self.source!r}")
+        return self
+
+
+STAGE_CONFIGS: dict[str, type[StrictModel]] = {"prepare": PrepareConfig}
+
+
+def config_hash(config: BaseModel) -> str:
+    """A short stable hash of a resolved config (what the catalog and artifact metadata record)."""
+    blob = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read a TOML config file; every stage section must be a known stage."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - set(STAGES))
+    if unknown:
+        raise ConfigError(
+            f"config file {path}: unknown section(s) {', '.join(map(repr, unknown))}",
+            hint=f"sections are the stage names: {', '.join(STAGES)}",
+        )
+    return data
+
+
+def parse_override(stage: str, text: str) -> tuple[list[str], Any]:
+    """`--set a.b=3` -> (['a', 'b'], 3). Values are TOML literals; anything else is a string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set min_user_interactions=3")
+    parts = key.split(".")
+    if parts[0] == stage:
+        parts = parts[1:]
+    if not parts or not all(parts):
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return parts, value
+
+
+def _assign(tree: dict[str, Any], parts: list[str], value: Any) -> None:
+    for part in parts[:-1]:
+        child = tree.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {'.'.join(parts)}: {part!r} is a value, not a section")
+        tree = child
+    tree[parts[-1]] = value
+
+
+def resolve_config(
+    stage: str,
+    config_file: Path | None = None,
+    options: dict[str, Any] | None = None,
+    sets: list[str] | None = None,
+) -> StrictModel:
+    """Resolve a stage config: file section, then named CLI options (None = not given), then --set.
+
+    Raises pydantic's ValidationError for invalid values (the CLI prints one bullet per field).
+    """
+    tree: dict[str, Any] = {}
+    if config_file is not None:
+        section = load_config_file(config_file).get(stage, {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"config file {config_file}: [{stage}] must be a table")
+        tree = dict(section)
+    for name, value in (options or {}).items():
+        if value is not None:
+            _assign(tree, name.split("."), value)
+    for text in sets or []:
+        parts, value = parse_override(stage, text)
+        _assign(tree, parts, value)
+    return STAGE_CONFIGS[stage].model_validate(tree)

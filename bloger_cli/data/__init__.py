@@ -1,0 +1,1 @@
+"""Data importers, filtering, re-indexing and splits (DuckDB SQL)."""

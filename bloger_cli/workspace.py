@@ -1,0 +1,229 @@
+"""The workspace: its layout, its lock, and the one stage runner every stage goes through.
+
+`run_stage` gives every stage the same behaviour: a lock against concurrent runs, a no-op when the
+inputs and config are unchanged (unless forced), outputs written to temporary files and renamed into
+place only when the whole stage succeeded, and a run record in the catalog.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from filelock import FileLock, Timeout
+from pydantic import BaseModel
+
+from bloger_cli.artifacts import SPECS, ArtifactInfo, ArtifactSpec, make_metadata, read_info, temp_path_for
+from bloger_cli.catalog import Catalog, RunRecord
+from bloger_cli.config import config_hash
+from bloger_cli.errors import ArtifactError, WorkspaceBusy, WorkspaceError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WORKSPACE = Path("bloger-work")
+
+
+class Workspace:
+    """A directory holding `catalog.duckdb`, the stage artifacts and a lock file."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise WorkspaceError(f"workspace {self.root} is a file, not a directory",
+                                 hint="give --workspace a directory path")
+        self.catalog = Catalog(self.root / "catalog.duckdb")
+
+    def path(self, kind: str) -> Path:
+        return self.root / SPECS[kind].filename
+
+    def info(self, kind: str, *, with_hash: bool = False) -> ArtifactInfo:
+        """The current artifact of a kind, schema-checked; a clear error when it is missing."""
+        return read_info(self.path(kind), SPECS[kind], with_hash=with_hash)
+
+    @contextmanager
+    def lock(self, timeout: float) -> Iterator[None]:
+        """Hold the workspace lock; a second process waits up to `timeout` seconds, then fails."""
+        lock = FileLock(str(self.root / ".bloger.lock"))
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout:
+            raise WorkspaceBusy(
+                f"workspace {self.root} is in use by another bloger process (waited {timeout:g}s)",
+                hint="wait for it to finish or raise --lock-timeout",
+            ) from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+
+def raw_fingerprint(path: Path) -> str:
+    """A cheap identity for a raw input file: size and modification time."""
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+@dataclass
+class StageContext:
+    """What a stage body gets: where to write its outputs and the metadata to put in them."""
+
+    workspace: Workspace
+    stage: str
+    run_id: str
+    config_hash: str
+    parents: dict[str, str]
+    pending: dict[str, Path] = field(default_factory=dict)
+
+    def output(self, kind: str) -> Path:
+        """A temporary path for an output artifact; renamed into place when the stage succeeds."""
+        spec = SPECS[kind]
+        if spec.producer != self.stage:
+            raise AssertionError(f"stage {self.stage} cannot write {kind} (produced by {spec.producer})")
+        tmp = temp_path_for(self.workspace.path(kind))
+        self.pending[kind] = tmp
+        return tmp
+
+    def metadata(self, kind: str, meta: dict[str, Any] | None = None) -> dict[str, str]:
+        return make_metadata(SPECS[kind], self.config_hash, self.parents, meta)
+
+
+@dataclass
+class StageResult:
+    stage: str
+    run_id: str
+    skipped: bool
+    result: dict[str, Any]
+
+
+def _fingerprint(stage: str, cfg_hash: str, inputs: dict[str, str]) -> str:
+    blob = json.dumps({"stage": stage, "config": cfg_hash, "inputs": inputs}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _outputs_intact(ws: Workspace, run: RunRecord) -> bool:
+    current = ws.catalog.current_artifacts()
+    for kind, row in current.items():
+        if row["run_id"] != run.run_id:
+            continue
+        path = ws.root / row["path"]
+        if not path.is_file() or read_info(path, SPECS[kind], with_hash=True).content_hash != row["content_hash"]:
+            return False
+    return any(row["run_id"] == run.run_id for row in current.values())
+
+
+def run_stage(
+    ws: Workspace,
+    stage: str,
+    config: BaseModel,
+    inputs: dict[str, str],
+    body: Callable[[StageContext], dict[str, Any]],
+    *,
+    force: bool = False,
+    lock_timeout: float = 60.0,
+) -> StageResult:
+    """Run one stage under the lock; skip it when the same inputs and config already produced outputs.
+
+    `inputs` maps each input ("artifact:KIND" or "file:PATH") to its fingerprint; the parents recorded
+    in the outputs' metadata are the artifact inputs' content hashes.
+    """
+    created = not ws.root.exists()
+    try:
+        ws.root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WorkspaceError(f"cannot create workspace {ws.root}: {exc.strerror}") from None
+    cfg_hash = config_hash(config)
+    fingerprint = _fingerprint(stage, cfg_hash, inputs)
+    committed = False
+    try:
+        with ws.lock(lock_timeout):
+            last = ws.catalog.last_done(stage)
+            if not force and last and last.fingerprint == fingerprint and _outputs_intact(ws, last):
+                log.info("%s is up to date (run %s); use --force to redo it", stage, last.run_id)
+                return StageResult(stage, last.run_id, True, last.result)
+            run_id = ws.catalog.start_run(stage, config.model_dump(mode="json"), cfg_hash, fingerprint, inputs)
+            parents = {k.split(":", 1)[1]: v for k, v in inputs.items() if k.startswith("artifact:")}
+            ctx = StageContext(ws, stage, run_id, cfg_hash, parents)
+            try:
+                result = body(ctx)
+                infos = _commit(ws, ctx)
+                committed = True
+            except BaseException as exc:
+                for tmp in ctx.pending.values():
+                    tmp.unlink(missing_ok=True)
+                ws.catalog.finish_run(run_id, "failed", error=str(exc) or type(exc).__name__)
+                raise
+            ws.catalog.finish_run(run_id, "done", result=result, artifacts=infos)
+            return StageResult(stage, run_id, False, result)
+    finally:
+        if created and not committed and ws.root.exists():
+            shutil.rmtree(ws.root, ignore_errors=True)  # leave no half-made workspace behind
+
+
+def _commit(ws: Workspace, ctx: StageContext) -> list[ArtifactInfo]:
+    """Check every pending output, then rename them all into place."""
+    for kind, tmp in ctx.pending.items():
+        if not tmp.is_file():
+            raise ArtifactError(f"stage {ctx.stage} did not write its {kind} output")
+        read_info(tmp, SPECS[kind])  # a schema error here is a bug; it must not replace a good file
+    infos = []
+    for kind, tmp in ctx.pending.items():
+        os.replace(tmp, ws.path(kind))
+        infos.append(read_info(ws.path(kind), SPECS[kind], with_hash=True))
+    return infos
+
+
+def stage_outputs() -> dict[str, list[ArtifactSpec]]:
+    """stage -> the artifact specs it writes, in the order stages run."""
+    out: dict[str, list[ArtifactSpec]] = {}
+    for spec in SPECS.values():
+        out.setdefault(spec.producer, []).append(spec)
+    return out
+
+
+def stage_status(ws: Workspace) -> list[dict[str, Any]]:
+    """Each stage as done / stale / missing, with the reason and its last successful run."""
+    current = ws.catalog.current_artifacts()
+    rows: list[dict[str, Any]] = []
+    stale_kinds: set[str] = set()
+    for stage, specs in stage_outputs().items():
+        last = ws.catalog.last_done(stage)
+        row = {"stage": stage, "state": "missing", "reason": f"run `bloger {stage}`", "run_id": None,
+               "finished_at": None}
+        if last is not None:
+            row.update(run_id=last.run_id, finished_at=str(last.finished_at))
+            reason = _staleness(ws, last, current, stale_kinds)
+            row.update(state="stale" if reason else "done", reason=reason or "up to date")
+            if reason:
+                stale_kinds.update(s.kind for s in specs)
+        rows.append(row)
+    return rows
+
+
+def _staleness(ws: Workspace, run: RunRecord, current: dict[str, dict[str, Any]], stale: set[str]) -> str:
+    for key, fp in run.inputs.items():
+        kind_or_path = key.split(":", 1)[1]
+        if key.startswith("file:"):
+            path = Path(kind_or_path)
+            if not path.exists():
+                return f"input {path} is gone"
+            if raw_fingerprint(path) != fp:
+                return f"input {path} changed"
+        elif kind_or_path in stale:
+            return f"upstream {kind_or_path} is stale"
+        elif current.get(kind_or_path, {}).get("content_hash") != fp:
+            return f"upstream {kind_or_path} changed since this run"
+    for kind, row in current.items():
+        if row["run_id"] == run.run_id:
+            path = ws.root / row["path"]
+            if not path.is_file():
+                return f"{path} is missing"
+            if read_info(path, SPECS[kind], with_hash=True).content_hash != row["content_hash"]:
+                return f"{path} was modified outside bloger"
+    return ""
