@@ -16,12 +16,13 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
 from bloger_cli import __version__, progress
 from bloger_cli.config import resolve_config
-from bloger_cli.errors import BlogerError
+from bloger_cli.errors import BlogerError, WorkspaceError
 from bloger_cli.workspace import DEFAULT_WORKSPACE, Workspace, stage_status
 
 err = Console(stderr=True)
@@ -50,15 +51,16 @@ class BoundaryGroup(TyperGroup):
         except BlogerError as exc:
             if _state["debug"]:
                 raise
-            err.print(f"[bold red]error:[/] {exc.message}", markup=True, highlight=False, soft_wrap=True)
+            # escape(): messages hold user text ("[prepare]", "{user: [item, ...]}") that is not markup
+            err.print(f"[bold red]error:[/] {escape(exc.message)}", markup=True, highlight=False, soft_wrap=True)
             if exc.hint:
-                err.print(f"  hint: {exc.hint}", highlight=False, soft_wrap=True)
+                err.print(f"  hint: {escape(exc.hint)}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except ValidationError as exc:
             if _state["debug"]:
                 raise
             stage = ctx.invoked_subcommand or "bloger"
-            err.print(f"[bold red]error:[/] {format_validation_error(exc, stage)}", highlight=False,
+            err.print(f"[bold red]error:[/] {escape(format_validation_error(exc, stage))}", highlight=False,
                       soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
@@ -117,7 +119,7 @@ def emit(result: dict[str, Any], as_json: bool, render) -> None:
 def _render_prepare(out: dict[str, Any]) -> None:
     r = out["result"]
     if out["skipped"]:
-        err.print(f"prepare is up to date (run {out['run_id']}); use --force to redo it")
+        err.print(f"prepare is up to date (run {out['run_id']}); use --force to redo it", soft_wrap=True)
     table = Table(title=f"prepare: {r['source']}", title_justify="left")
     table.add_column("statistic")
     table.add_column("value", justify="right")
@@ -135,7 +137,7 @@ def _render_prepare(out: dict[str, Any]) -> None:
         table.add_row(f"removed: {step['step']}", f"{step['removed']:,}")
     err.print(table)
     for note in r.get("notes", []):
-        err.print(f"note: {note}")
+        err.print(f"note: {escape(note)}")
 
 
 @app.command()
@@ -180,8 +182,8 @@ def status(workspace: WorkspaceOpt = DEFAULT_WORKSPACE, as_json: JsonOpt = False
     """List each stage of a workspace as done, stale or missing."""
     ws = Workspace(workspace)
     if not ws.catalog.path.exists():
-        raise BlogerError(f"{workspace} is not a bloger workspace (no catalog.duckdb)",
-                          hint="run `bloger prepare` first")
+        raise WorkspaceError(f"{workspace} is not a bloger workspace (no catalog.duckdb)",
+                             hint="run `bloger prepare` first")
     rows = stage_status(ws)
 
     def render(result: dict[str, Any]) -> None:
@@ -190,7 +192,8 @@ def status(workspace: WorkspaceOpt = DEFAULT_WORKSPACE, as_json: JsonOpt = False
             table.add_column(col)
         colour = {"done": "green", "stale": "yellow", "missing": "red"}
         for r in result["stages"]:
-            table.add_row(r["stage"], f"[{colour[r['state']]}]{r['state']}[/]", r["reason"], r["run_id"] or "")
+            table.add_row(r["stage"], f"[{colour[r['state']]}]{r['state']}[/]", escape(r["reason"]),
+                          r["run_id"] or "")
         err.print(table)
 
     emit({"workspace": str(workspace), "stages": rows}, as_json, render)

@@ -20,7 +20,8 @@ from typing import Any, Callable, Iterator
 from filelock import FileLock, Timeout
 from pydantic import BaseModel
 
-from bloger_cli.artifacts import SPECS, ArtifactInfo, ArtifactSpec, make_metadata, read_info, temp_path_for
+from bloger_cli.artifacts import (SPECS, ArtifactInfo, ArtifactSpec, file_hash, make_metadata, read_info,
+                                  temp_path_for)
 from bloger_cli.catalog import Catalog, RunRecord
 from bloger_cli.config import config_hash
 from bloger_cli.errors import ArtifactError, WorkspaceBusy, WorkspaceError
@@ -113,7 +114,8 @@ def _outputs_intact(ws: Workspace, run: RunRecord) -> bool:
         if row["run_id"] != run.run_id:
             continue
         path = ws.root / row["path"]
-        if not path.is_file() or read_info(path, SPECS[kind], with_hash=True).content_hash != row["content_hash"]:
+        # Compare raw bytes: a file damaged outside bloger must read as changed, not fail to parse.
+        if not path.is_file() or file_hash(path) != row["content_hash"]:
             return False
     return any(row["run_id"] == run.run_id for row in current.values())
 
@@ -141,8 +143,11 @@ def run_stage(
     cfg_hash = config_hash(config)
     fingerprint = _fingerprint(stage, cfg_hash, inputs)
     committed = False
+    ours = False  # remove the workspace on failure only if this run made it and nobody used it since
     try:
         with ws.lock(lock_timeout):
+            # another process may have made the same new workspace between our check and the lock
+            ours = created and not ws.catalog.path.exists()
             last = ws.catalog.last_done(stage)
             if not force and last and last.fingerprint == fingerprint and _outputs_intact(ws, last):
                 log.info("%s is up to date (run %s); use --force to redo it", stage, last.run_id)
@@ -162,7 +167,7 @@ def run_stage(
             ws.catalog.finish_run(run_id, "done", result=result, artifacts=infos)
             return StageResult(stage, run_id, False, result)
     finally:
-        if created and not committed and ws.root.exists():
+        if ours and not committed and ws.root.exists():
             shutil.rmtree(ws.root, ignore_errors=True)  # leave no half-made workspace behind
 
 
@@ -224,6 +229,6 @@ def _staleness(ws: Workspace, run: RunRecord, current: dict[str, dict[str, Any]]
             path = ws.root / row["path"]
             if not path.is_file():
                 return f"{path} is missing"
-            if read_info(path, SPECS[kind], with_hash=True).content_hash != row["content_hash"]:
+            if file_hash(path) != row["content_hash"]:
                 return f"{path} was modified outside bloger"
     return ""

@@ -231,6 +231,17 @@ def require_columns(path: Path, columns: dict[str, str], wanted: dict[str, str])
             raise DataError(f"{path}: no column {col!r} (from {option}); columns are {', '.join(columns)}")
 
 
+def require_times(con: duckdb.DuckDBPyConnection, path: Path, source: str, col: str) -> None:
+    """Every row needs a time: a missing one would otherwise sort by row number, before all real times."""
+    q = quote_ident(col)
+    missing, first = con.execute(
+        f"SELECT count(*), min(r) FROM (SELECT row_number() OVER () AS r, {q} AS v FROM {source}) WHERE v IS NULL"
+    ).fetchone()
+    if missing:
+        raise DataError(f"{path}: column {col!r} is empty in {missing} row(s) (the first is data row {first}); "
+                        "every interaction needs a time")
+
+
 def time_expression(con: duckdb.DuckDBPyConnection, path: Path, source: str, col: str, dtype: str) -> str:
     """SQL turning a time column into int64 (numbers as is, timestamps/ISO dates as epoch seconds)."""
     q = quote_ident(col)
@@ -270,7 +281,10 @@ def load_table(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig, files: Source
         wanted["--rating-col"] = cfg.rating_col
     require_columns(path, columns, wanted)
     con.execute(f"CREATE OR REPLACE TABLE src AS SELECT * FROM {reader}")
-    ts = time_expression(con, path, "src", cfg.time_col, columns[cfg.time_col]) if cfg.time_col else "NULL"
+    ts = "NULL"
+    if cfg.time_col:
+        require_times(con, path, "src", cfg.time_col)
+        ts = time_expression(con, path, "src", cfg.time_col, columns[cfg.time_col])
     rating = f"TRY_CAST({quote_ident(cfg.rating_col)} AS DOUBLE)" if cfg.rating_col else "NULL"
     con.execute(
         f"CREATE OR REPLACE TABLE raw AS SELECT {quote_ident(cfg.user_col)}::VARCHAR AS user_key, "
@@ -325,6 +339,7 @@ def load_recbole(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig, files: Sour
     con.execute(f"CREATE OR REPLACE TABLE src AS SELECT * FROM {reader}")
     ts = "NULL"
     if "timestamp" in cols:
+        require_times(con, path, "src", cols["timestamp"])
         ts = time_expression(con, path, "src", cols["timestamp"], "VARCHAR")
     rating = f"TRY_CAST({quote_ident(cols['rating'])} AS DOUBLE)" if "rating" in cols else "NULL"
     con.execute(
