@@ -22,6 +22,7 @@ from bloger_cli import __version__
 from bloger_cli.errors import ArtifactError
 
 SCHEMA_VERSION_KEY = "bloger.schema_version"
+ANY_SIZE = 0  # a fixed_size_list of this size in a spec accepts any width (embedding dimension, ID length)
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class ArtifactSpec:
     producer: str
     version: int = 1
     extra_type: pa.DataType | None = None  # type every further column must have (None: no extras)
+    format: str = "parquet"  # or "torch": a checkpoint dict {"metadata", "config", "state_dict", ...}
 
     def missing_hint(self) -> str:
         return f"run `bloger {self.producer}` first"
@@ -63,6 +65,24 @@ SPECS: dict[str, ArtifactSpec] = {
             pa.schema([("user_id", pa.int32()), ("items", pa.list_(pa.int32())), ("ts", pa.list_(pa.int64()))]),
             producer="prepare",
         ),
+        ArtifactSpec(
+            "embeddings", "embeddings.parquet",
+            pa.schema([("item_id", pa.int32()), ("embedding", pa.list_(pa.float32(), ANY_SIZE))]),
+            producer="embed",
+        ),
+        ArtifactSpec(
+            "semantic_ids", "semantic_ids.parquet",
+            pa.schema([("item_id", pa.int32()), ("codes", pa.list_(pa.int16(), ANY_SIZE))]),
+            producer="tokenize",
+        ),
+        ArtifactSpec(
+            "codebook_stats", "codebook_stats.parquet",
+            pa.schema([("level", pa.int32()), ("codes_used", pa.int32()), ("density", pa.float64()),
+                       ("entropy_bits", pa.float64()), ("collision_rate", pa.float64()),
+                       ("quantization_error", pa.float64())]),
+            producer="tokenize",
+        ),
+        ArtifactSpec("tokenizer", "tokenizer.pt", pa.schema([]), producer="tokenize", format="torch"),
     )
 }
 
@@ -89,7 +109,7 @@ def _same_type(actual: pa.DataType, expected: pa.DataType) -> bool:
     if pa.types.is_fixed_size_list(expected):
         return (
             pa.types.is_fixed_size_list(actual)
-            and actual.list_size == expected.list_size
+            and expected.list_size in (ANY_SIZE, actual.list_size)
             and _same_type(actual.value_type, expected.value_type)
         )
     if pa.types.is_string(expected):
@@ -147,26 +167,67 @@ def read_info(path: Path, spec: ArtifactSpec, *, with_hash: bool = False) -> Art
     """Read an artifact's footer, checking kind, schema version and columns."""
     if not path.is_file():
         raise ArtifactError(f"no {spec.kind} artifact at {path}", hint=spec.missing_hint())
+    if spec.format == "torch":
+        return _torch_info(path, spec, with_hash)
     try:
         md = pq.read_metadata(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise ArtifactError(f"{path} is not a readable Parquet file ({exc})",
                             hint=f"re-run `bloger {spec.producer} --force`") from None
     kv = {k.decode(): v.decode() for k, v in (md.metadata or {}).items()}
+    _check_kv(path, spec, kv)
+    check_schema(path, md.schema.to_arrow_schema(), spec)
+    return _info(path, spec, kv, md.num_rows, with_hash)
+
+
+def _check_kv(path: Path, spec: ArtifactSpec, kv: dict[str, str]) -> None:
+    fix = f"re-run `bloger {spec.producer} --force`"
     if kv.get("bloger.kind") != spec.kind:
         raise ArtifactError(f"{path} is not a bloger {spec.kind} artifact (kind {kv.get('bloger.kind')!r})",
-                            hint=f"re-run `bloger {spec.producer} --force`")
+                            hint=fix)
     if kv.get(SCHEMA_VERSION_KEY) != str(spec.version):
         raise ArtifactError(
             f"{path} has schema version {kv.get(SCHEMA_VERSION_KEY)}, this bloger reads version {spec.version}",
-            hint=f"re-run `bloger {spec.producer} --force`",
+            hint=fix,
         )
-    check_schema(path, md.schema.to_arrow_schema(), spec)
+
+
+def _info(path: Path, spec: ArtifactSpec, kv: dict[str, str], rows: int, with_hash: bool) -> ArtifactInfo:
     return ArtifactInfo(
-        kind=spec.kind, path=path, rows=md.num_rows, config_hash=kv.get("bloger.config_hash", ""),
+        kind=spec.kind, path=path, rows=rows, config_hash=kv.get("bloger.config_hash", ""),
         parents=json.loads(kv.get("bloger.parents", "{}")), meta=json.loads(kv.get("bloger.meta", "{}")),
         content_hash=file_hash(path) if with_hash else "",
     )
+
+
+def load_torch(path: Path, spec: ArtifactSpec) -> dict[str, Any]:
+    """Load a checkpoint artifact (tensors and plain values only: never a pickled module)."""
+    import torch
+
+    if not path.is_file():
+        raise ArtifactError(f"no {spec.kind} artifact at {path}", hint=spec.missing_hint())
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise ArtifactError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})",
+                            hint=f"re-run `bloger {spec.producer} --force`") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("metadata"), dict):
+        raise ArtifactError(f"{path} is not a bloger {spec.kind} checkpoint (no metadata)",
+                            hint=f"re-run `bloger {spec.producer} --force`")
+    _check_kv(path, spec, ckpt["metadata"])
+    return ckpt
+
+
+def _torch_info(path: Path, spec: ArtifactSpec, with_hash: bool) -> ArtifactInfo:
+    ckpt = load_torch(path, spec)
+    return _info(path, spec, ckpt["metadata"], int(ckpt.get("rows", 0)), with_hash)
+
+
+def save_torch(ckpt: dict[str, Any], path: Path, metadata: dict[str, str]) -> None:
+    """Save a checkpoint dict with the artifact metadata (the caller picks a temporary path)."""
+    import torch
+
+    torch.save({**ckpt, "metadata": metadata}, path)
 
 
 def write_arrow(table: pa.Table, path: Path, metadata: dict[str, str]) -> None:

@@ -6,15 +6,12 @@ renders the result: a rich table on stderr, or one JSON object on stdout with --
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
@@ -23,9 +20,8 @@ from typer.core import TyperGroup
 from bloger_cli import __version__, progress
 from bloger_cli.config import resolve_config
 from bloger_cli.errors import BlogerError, WorkspaceError
+from bloger_cli.render import RENDERERS, emit, err
 from bloger_cli.workspace import DEFAULT_WORKSPACE, Workspace, stage_status
-
-err = Console(stderr=True)
 _state = {"debug": False}
 
 
@@ -108,38 +104,6 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if 
 LockOpt = Annotated[float, typer.Option("--lock-timeout", help="Seconds to wait for a busy workspace.")]
 
 
-def emit(result: dict[str, Any], as_json: bool, render) -> None:
-    """--json: one object on stdout; otherwise the stage's rich rendering on stderr."""
-    if as_json:
-        sys.stdout.write(json.dumps(result, default=str) + "\n")
-    else:
-        render(result)
-
-
-def _render_prepare(out: dict[str, Any]) -> None:
-    r = out["result"]
-    if out["skipped"]:
-        err.print(f"prepare is up to date (run {out['run_id']}); use --force to redo it", soft_wrap=True)
-    table = Table(title=f"prepare: {r['source']}", title_justify="left")
-    table.add_column("statistic")
-    table.add_column("value", justify="right")
-    for key in ("users", "items", "interactions"):
-        table.add_row(key, f"{r[key]:,}")
-    table.add_row("sparsity", f"{r['sparsity']:.4%}")
-    table.add_row("sequence length avg / median", f"{r['avg_sequence_length']:.2f} / {r['median_sequence_length']:g}")
-    table.add_row("sequence length min / max", f"{r['min_sequence_length']} / {r['max_sequence_length']}")
-    s = r["samples"]
-    table.add_row(f"samples train / valid / test (history <= {r['max_history']})",
-                  f"{s['train']:,} / {s['valid']:,} / {s['test']:,}")
-    table.add_row("item text fields", ", ".join(r["text_fields"]) or "none")
-    table.add_row("items without text", f"{r['items_without_text']:,}")
-    for step in r["steps"]:
-        table.add_row(f"removed: {step['step']}", f"{step['removed']:,}")
-    err.print(table)
-    for note in r.get("notes", []):
-        err.print(f"note: {escape(note)}")
-
-
 @app.command()
 def prepare(
     workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
@@ -164,17 +128,92 @@ def prepare(
     max_history: Annotated[Optional[int], typer.Option(help="History length of each sample [20].")] = None,
 ) -> None:
     """Turn raw interactions (+ item text) into interactions, users, items and sequences artifacts."""
-    from bloger_cli.data import prepare as stage
+    from bloger_cli.data.prepare import run
 
-    options = {k: v for k, v in locals().items() if k in _PREPARE_OPTIONS}
-    cfg = resolve_config("prepare", config, options, set_)
-    out = stage.run(cfg, Workspace(workspace), force=force, lock_timeout=lock_timeout)
-    emit({"stage": "prepare", "run_id": out.run_id, "skipped": out.skipped, "result": out.result},
-         as_json, _render_prepare)
+    options = dict(source=source, input=input, items=items, user_col=user_col, item_col=item_col,
+                   time_col=time_col, rating_col=rating_col, item_key_col=item_key_col, min_rating=min_rating,
+                   duplicates=duplicates, min_user_interactions=min_user_interactions,
+                   min_item_interactions=min_item_interactions, max_history=max_history)
+    _stage("prepare", run, workspace, config, options, set_, as_json, force, lock_timeout)
 
 
-_PREPARE_OPTIONS = {"source", "input", "items", "user_col", "item_col", "time_col", "rating_col", "item_key_col",
-                    "min_rating", "duplicates", "min_user_interactions", "min_item_interactions", "max_history"}
+@app.command()
+def embed(
+    workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+    lock_timeout: LockOpt = 60.0,
+    model: Annotated[Optional[str], typer.Option(
+        help="sentence-transformers model name or local directory [all-MiniLM-L6-v2].")] = None,
+    template: Annotated[Optional[str], typer.Option(
+        help="Text template over item fields, e.g. '{title}. Brand: {brand}. {categories}'.")] = None,
+    on_missing_text: Annotated[Optional[str], typer.Option(
+        help="Items with no text: error | skip | empty.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Texts per encoder batch [128].")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | mps.")] = None,
+    from_file: Annotated[Optional[Path], typer.Option(
+        help="Import a precomputed matrix (.npy rows in item_id order, or .parquet item_id + embedding).")] = None,
+) -> None:
+    """Encode each item's text into an embedding (cached by text hash, so re-runs encode only new text)."""
+    from bloger_cli.embed import run
+
+    options = dict(model=model, template=template, on_missing_text=on_missing_text, batch_size=batch_size,
+                   device=device, from_file=from_file)
+    _stage("embed", run, workspace, config, options, set_, as_json, force, lock_timeout)
+
+
+@app.command()
+def tokenize(
+    workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+    lock_timeout: LockOpt = 60.0,
+    method: Annotated[Optional[str], typer.Option(help="rqvae | rq-kmeans.")] = None,
+    levels: Annotated[Optional[int], typer.Option(help="Residual levels L [4].")] = None,
+    codebook_size: Annotated[Optional[int], typer.Option(help="Codes per level K [256].")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="RQ-VAE training epochs [200].")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed [42].")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | mps.")] = None,
+) -> None:
+    """Train the item tokenizer and give every item a semantic ID (collisions disambiguated)."""
+    from bloger_cli.tokenizer.stage import run
+
+    options = dict(method=method, levels=levels, codebook_size=codebook_size, epochs=epochs, seed=seed,
+                   device=device)
+    _stage("tokenize", run, workspace, config, options, set_, as_json, force, lock_timeout)
+
+
+@app.command("export-ids")
+def export_ids(
+    workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+    lock_timeout: LockOpt = 60.0,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file.")] = None,
+    format: Annotated[Optional[str], typer.Option(help="parquet | csv | jsonl [from the suffix].")] = None,
+    from_: Annotated[Optional[str], typer.Option("--from", help="tokenize | train [tokenize].")] = None,
+    codebooks: Annotated[Optional[Path], typer.Option(help="Also write the codebooks (level, code, vector).")] = None,
+    compare: Annotated[Optional[Path], typer.Option(help="An earlier export: count items whose ID changed.")] = None,
+) -> None:
+    """Export item key, item id and semantic ID (Parquet, CSV or JSONL)."""
+    from bloger_cli.export import run
+
+    options = dict(out=out, format=format, from_=from_, codebooks=codebooks, compare=compare)
+    _stage("export-ids", run, workspace, config, options, set_, as_json, True, lock_timeout)
+
+
+def _stage(stage: str, run, workspace: Path, config: Path | None, options: dict[str, Any], sets: list[str] | None,
+           as_json: bool, force: bool, lock_timeout: float) -> None:
+    """What every stage command does: resolve the config, run the library function, render."""
+    cfg = resolve_config(stage, config, options, sets)
+    out = run(cfg, Workspace(workspace), force=force, lock_timeout=lock_timeout)
+    emit({"stage": stage, "run_id": out.run_id, "skipped": out.skipped, "result": out.result}, as_json,
+         RENDERERS[stage])
 
 
 @app.command()

@@ -28,10 +28,13 @@ STAGES = ("prepare", "embed", "tokenize", "train-bilevel", "evaluate", "export-i
 class StrictModel(BaseModel):
     """Base for every config: unknown keys are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
 SourceKind = Literal["letter", "amazon", "amazon2023", "movielens", "recbole", "table", "synthetic"]
+
+
+SYNTHETIC_MIN_LENGTH = 5  # every synthetic user gets at least this many interactions (the default 5-core)
 
 
 class SyntheticConfig(StrictModel):
@@ -42,6 +45,9 @@ class SyntheticConfig(StrictModel):
     categories: int = Field(20, ge=2, description="item categories (arranged on a ring of related ones)")
     interactions: int = Field(20_000, ge=1, description="total interactions (spread over users)")
     drift: float = Field(0.15, ge=0.0, le=1.0, description="chance per step to move to a neighbouring category")
+    follow: float = Field(0.5, ge=0.0, le=1.0, description="chance, when staying in a category, to take the "
+                                                             "item after the previous one in the category's order")
+    skew: float = Field(1.0, ge=0.0, le=3.0, description="Zipf exponent of item popularity within a category")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -49,6 +55,11 @@ class SyntheticConfig(StrictModel):
         if self.items < self.categories:
             raise ValueError(
                 f"synthetic.items ({self.items}) must be at least synthetic.categories ({self.categories})"
+            )
+        if self.interactions < SYNTHETIC_MIN_LENGTH * self.users:
+            raise ValueError(
+                f"synthetic.interactions ({self.interactions}) must be at least {SYNTHETIC_MIN_LENGTH} x "
+                f"synthetic.users ({self.users}): every synthetic user has {SYNTHETIC_MIN_LENGTH} or more"
             )
         return self
 
@@ -89,7 +100,66 @@ class PrepareConfig(StrictModel):
         return self
 
 
-STAGE_CONFIGS: dict[str, type[StrictModel]] = {"prepare": PrepareConfig}
+Device = Literal["auto", "cpu", "cuda", "mps"]
+
+
+class EmbedConfig(StrictModel):
+    """`bloger embed`: item text -> sentence-transformers embeddings (or a precomputed matrix)."""
+
+    model: str = Field("all-MiniLM-L6-v2", description="sentence-transformers model name or local directory")
+    template: str | None = Field(None, description="text template over item fields, e.g. '{title}. Brand: {brand}'")
+    fields: list[str] | None = Field(None, description="fields to join when no template is given")
+    on_missing_text: Literal["error", "skip", "empty"] = Field(
+        "error", description="items with no text at all: refuse, leave out, or embed the empty string")
+    normalize: bool = Field(True, description="L2-normalise the embeddings")
+    batch_size: int = Field(128, ge=1)
+    device: Device = "auto"
+    from_file: Path | None = Field(None, description="import a precomputed matrix (.npy or .parquet)")
+
+    @model_validator(mode="after")
+    def _template_or_fields(self) -> "EmbedConfig":
+        if self.template is not None and self.fields is not None:
+            raise ValueError("give either template or fields, not both")
+        return self
+
+
+class TokenizeConfig(StrictModel):
+    """`bloger tokenize`: embeddings -> semantic IDs (RQ-VAE of DESIGN.md section 1, or residual k-means)."""
+
+    method: Literal["rqvae", "rq-kmeans"] = "rqvae"
+    levels: int = Field(4, ge=1, le=16, description="residual quantisation levels L")
+    codebook_size: int = Field(256, ge=2, le=32767, description="codes per level K")
+    code_dim: int = Field(32, ge=1, description="latent dimension d of the codes")
+    hidden: list[int] | None = Field(None, description="encoder MLP widths (default: halving from the input)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    epochs: int = Field(200, ge=0)
+    batch_size: int = Field(1024, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    commitment: float = Field(0.25, ge=0, description="mu: weight of the commitment loss")
+    kmeans_iters: int = Field(50, ge=1, description="k-means iterations for codebook initialisation")
+    dead_codes: Literal["reseed", "none"] = Field("reseed", description="re-seed codes unused in an epoch")
+    patience: int | None = Field(20, ge=1, description="stop after this many epochs without improvement")
+    disambiguate: bool = Field(True, description="append a code that makes colliding IDs unique")
+    seed: int = 42
+    device: Device = "auto"
+
+
+class ExportConfig(StrictModel):
+    """`bloger export-ids`: item key, item id and semantic ID to a file."""
+
+    out: Path = Field(..., description="output file")
+    format: Literal["parquet", "csv", "jsonl"] | None = Field(None, description="default: from the suffix")
+    from_: Literal["tokenize", "train"] = Field("tokenize", alias="from")
+    codebooks: Path | None = Field(None, description="also write the codebooks (level, code, vector) here")
+    compare: Path | None = Field(None, description="an earlier export: report how many items changed ID")
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+STAGE_CONFIGS: dict[str, type[StrictModel]] = {
+    "prepare": PrepareConfig, "embed": EmbedConfig, "tokenize": TokenizeConfig, "export-ids": ExportConfig,
+}
 
 
 def config_hash(config: BaseModel) -> str:
@@ -106,6 +176,8 @@ def load_config_file(path: Path) -> dict[str, Any]:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     unknown = sorted(set(data) - set(STAGES))
     if unknown:
         raise ConfigError(

@@ -48,6 +48,27 @@ class Workspace:
         """The current artifact of a kind, schema-checked; a clear error when it is missing."""
         return read_info(self.path(kind), SPECS[kind], with_hash=with_hash)
 
+    def inputs(self, *kinds: str) -> dict[str, ArtifactInfo]:
+        """Schema-checked input artifacts whose lineage fits together.
+
+        Each input's recorded parents must be the workspace's current artifacts of those kinds: an
+        embeddings file made from another items file is refused, naming both and the command to run.
+        """
+        infos = {kind: self.info(kind, with_hash=True) for kind in kinds}
+        for kind, info in infos.items():
+            for parent, recorded in info.parents.items():
+                if parent not in SPECS:
+                    continue
+                current = infos[parent].content_hash if parent in infos else (
+                    file_hash(self.path(parent)) if self.path(parent).is_file() else None)
+                if current is not None and current != recorded:
+                    raise ArtifactError(
+                        f"{info.path} was made from another {parent} artifact (recorded {recorded}, "
+                        f"{self.path(parent).name} is now {current})",
+                        hint=f"re-run `bloger {SPECS[kind].producer}`",
+                    )
+        return infos
+
     @contextmanager
     def lock(self, timeout: float) -> Iterator[None]:
         """Hold the workspace lock; a second process waits up to `timeout` seconds, then fails."""

@@ -60,7 +60,7 @@ def test_prepare_status_noop_force(work):
 
     status = as_json(bloger("status", "-w", ws, "--json", cwd=cwd))
     assert [(s["stage"], s["state"], s["run_id"]) for s in status["stages"]] == [
-        ("prepare", "done", first["run_id"])]
+        ("prepare", "done", first["run_id"]), ("embed", "missing", None), ("tokenize", "missing", None)]
 
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in ws.glob("*.parquet")}
     again = bloger("prepare", "-w", ws, "--input", data, *NO_CORE, cwd=cwd)
@@ -81,7 +81,7 @@ def test_changed_input_makes_the_stage_stale_and_reruns_it(work):
     first = as_json(bloger("prepare", "-w", ws, "--input", data, *NO_CORE, "--json", cwd=cwd))
     st = data.stat()
     os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
-    [row] = as_json(bloger("status", "-w", ws, "--json", cwd=cwd))["stages"]
+    row = as_json(bloger("status", "-w", ws, "--json", cwd=cwd))["stages"][0]
     assert (row["state"], row["reason"]) == ("stale", f"input {data.resolve()} changed")
     rerun = as_json(bloger("prepare", "-w", ws, "--input", data, *NO_CORE, "--json", cwd=cwd))
     assert not rerun["skipped"] and rerun["run_id"] != first["run_id"]
@@ -91,7 +91,7 @@ def test_relative_paths_and_default_workspace(work):
     cwd, data = work
     out = as_json(bloger("prepare", "--input", data.relative_to(cwd), *NO_CORE, "--json", cwd=cwd))
     assert (cwd / "bloger-work" / "sequences.parquet").is_file() and not out["skipped"]
-    [row] = as_json(bloger("status", "--json", cwd=cwd))["stages"]
+    row = as_json(bloger("status", "--json", cwd=cwd))["stages"][0]
     assert row["state"] == "done"
 
 

@@ -117,8 +117,9 @@ def test_status_json_and_table(cli, tiny_letter, tmp_path):
     assert result.exit_code == 0 and result.stdout.count("\n") == 1
     out = json.loads(result.stdout)
     assert out["workspace"] == str(ws)
-    [row] = out["stages"]
+    row, *later = out["stages"]
     assert (row["stage"], row["state"], row["reason"], row["run_id"]) == ("prepare", "done", "up to date", run_id)
+    assert [(r["stage"], r["state"]) for r in later] == [("embed", "missing"), ("tokenize", "missing")]
     table = cli("status", "-w", ws)
     assert table.exit_code == 0 and "done" in table.stderr and table.stdout == ""
 
@@ -165,7 +166,7 @@ def run_bad(cli, ws: Path, *args: object, exit_code: int, stderr: str) -> None:
     assert snapshot(ws) == before
     assert sorted(p.name for p in ws.iterdir() if p.name.startswith(".") and "tmp" in p.name) in ([], [".duckdb-tmp"])
     # and the stage is still up to date on its old inputs
-    [row] = json.loads(cli("status", "-w", ws, "--json").stdout)["stages"]
+    row = json.loads(cli("status", "-w", ws, "--json").stdout)["stages"][0]
     assert row["state"] == "done"
 
 

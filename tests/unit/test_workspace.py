@@ -257,18 +257,18 @@ def test_output_of_another_stage_is_refused(tmp_path, raw):
 
 
 def state(ws: Workspace) -> tuple[str, str]:
-    [row] = stage_status(ws)
+    row = stage_status(ws)[0]
     assert row["stage"] == "prepare"
     return row["state"], row["reason"]
 
 
 def test_status_missing_then_done(tmp_path, raw):
     ws = Workspace(tmp_path / "ws")
-    [row] = stage_status(ws)
+    row = stage_status(ws)[0]
     assert row == {"stage": "prepare", "state": "missing", "reason": "run `bloger prepare`", "run_id": None,
                    "finished_at": None}
     out = run_stage(ws, "prepare", CFG, inputs_for(raw), Body(3))
-    [row] = stage_status(ws)
+    row = stage_status(ws)[0]
     assert (row["state"], row["reason"], row["run_id"]) == ("done", "up to date", out.run_id)
 
 
@@ -315,7 +315,7 @@ def test_status_after_force_rerun_points_at_the_new_run(tmp_path, raw):
     ws = Workspace(tmp_path / "ws")
     run_stage(ws, "prepare", CFG, inputs_for(raw), Body(3))
     out = run_stage(ws, "prepare", CFG, inputs_for(raw), Body(4), force=True)
-    [row] = stage_status(ws)
+    row = stage_status(ws)[0]
     assert (row["state"], row["run_id"]) == ("done", out.run_id)
     assert ws.info("users").rows == 4
 

@@ -1,0 +1,91 @@
+"""Rendering of stage results: rich tables on stderr, or one JSON object on stdout with --json."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Callable
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+err = Console(stderr=True)
+
+
+def emit(result: dict[str, Any], as_json: bool, render) -> None:
+    """--json: one object on stdout; otherwise the stage's rich rendering on stderr."""
+    if as_json:
+        sys.stdout.write(json.dumps(result, default=str) + "\n")
+    else:
+        render(result)
+
+
+def render_prepare(out: dict[str, Any]) -> None:
+    r = out["result"]
+    if out["skipped"]:
+        err.print(f"prepare is up to date (run {out['run_id']}); use --force to redo it", soft_wrap=True)
+    table = Table(title=f"prepare: {r['source']}", title_justify="left")
+    table.add_column("statistic")
+    table.add_column("value", justify="right")
+    for key in ("users", "items", "interactions"):
+        table.add_row(key, f"{r[key]:,}")
+    table.add_row("sparsity", f"{r['sparsity']:.4%}")
+    table.add_row("sequence length avg / median", f"{r['avg_sequence_length']:.2f} / {r['median_sequence_length']:g}")
+    table.add_row("sequence length min / max", f"{r['min_sequence_length']} / {r['max_sequence_length']}")
+    s = r["samples"]
+    table.add_row(f"samples train / valid / test (history <= {r['max_history']})",
+                  f"{s['train']:,} / {s['valid']:,} / {s['test']:,}")
+    table.add_row("item text fields", ", ".join(r["text_fields"]) or "none")
+    table.add_row("items without text", f"{r['items_without_text']:,}")
+    for step in r["steps"]:
+        table.add_row(f"removed: {step['step']}", f"{step['removed']:,}")
+    err.print(table)
+    for note in r.get("notes", []):
+        err.print(f"note: {escape(note)}")
+
+
+
+
+def _skipped(out: dict[str, Any]) -> None:
+    if out["skipped"]:
+        err.print(f"{out['stage']} is up to date (run {out['run_id']}); use --force to redo it", soft_wrap=True)
+
+
+def _scalar_table(title: str, result: dict[str, Any]) -> Table:
+    """Every scalar entry of a result as a row (lists and dicts are rendered elsewhere or only in --json)."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("statistic")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        if isinstance(value, (dict, list)) or value is None:
+            continue
+        text = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else (
+            f"{value:.4g}" if isinstance(value, float) else str(value))
+        table.add_row(key.replace("_", " "), escape(text))
+    return table
+
+
+def render_generic(out: dict[str, Any]) -> None:
+    _skipped(out)
+    err.print(_scalar_table(out["stage"], out["result"]))
+    for note in out["result"].get("notes", []) or []:
+        err.print(f"note: {escape(note)}")
+
+
+def render_tokenize(out: dict[str, Any]) -> None:
+    render_generic(out)
+    rows = out["result"].get("level_stats") or []
+    if rows:
+        table = Table(title="codebook statistics (before disambiguation)", title_justify="left")
+        for col in rows[0]:
+            table.add_column(col.replace("_", " "), justify="right")
+        for row in rows:
+            table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
+        err.print(table)
+
+
+RENDERERS: dict[str, Callable[[dict[str, Any]], None]] = {
+    "prepare": render_prepare, "embed": render_generic, "tokenize": render_tokenize,
+    "export-ids": render_generic,
+}
