@@ -48,7 +48,7 @@ class SyntheticConfig(StrictModel):
     follow: float = Field(0.5, ge=0.0, le=1.0, description="chance, when staying in a category, to take the "
                                                              "item after the previous one in the category's order")
     skew: float = Field(1.0, ge=0.0, le=3.0, description="Zipf exponent of item popularity within a category")
-    seed: int = 0
+    seed: int = Field(0, ge=0, description="same seed, same data")
 
     @model_validator(mode="after")
     def _enough_items(self) -> "SyntheticConfig":
@@ -120,6 +120,9 @@ class EmbedConfig(StrictModel):
     def _template_or_fields(self) -> "EmbedConfig":
         if self.template is not None and self.fields is not None:
             raise ValueError("give either template or fields, not both")
+        if self.from_file is not None and (self.template is not None or self.fields is not None):
+            given = "template" if self.template is not None else "fields"
+            raise ValueError(f"from_file imports precomputed vectors: {given} does not apply (drop one of them)")
         return self
 
 
