@@ -147,6 +147,12 @@ class TokenizeConfig(StrictModel):
     seed: int = 42
     device: Device = "auto"
 
+    @model_validator(mode="after")
+    def _positive_widths(self) -> "TokenizeConfig":
+        if self.hidden is not None and any(width < 1 for width in self.hidden):
+            raise ValueError(f"hidden widths must be >= 1 (got {self.hidden}); leave hidden unset for the default")
+        return self
+
 
 class ExportConfig(StrictModel):
     """`bloger export-ids`: item key, item id and semantic ID to a file."""

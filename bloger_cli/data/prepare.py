@@ -104,8 +104,7 @@ def _filter(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig, info: SourceInfo
         con.execute(f"DELETE FROM t WHERE rating IS NULL OR rating < {float(cfg.min_rating)!r}")
         n = record(f"rating below {cfg.min_rating:g}", n)
     if cfg.duplicates == "first":
-        con.execute("CREATE OR REPLACE TABLE t AS SELECT * FROM t QUALIFY row_number() OVER "
-                    "(PARTITION BY user_key, item_key ORDER BY ts NULLS LAST, ord) = 1")
+        _drop_repeats(con)
         n = record("repeated (user, item): kept the first", n)
     steps.step("k-core filtering")
     _kcore(con, cfg.min_user_interactions, cfg.min_item_interactions, steps)
@@ -122,19 +121,46 @@ def _filter(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig, info: SourceInfo
     return log_rows
 
 
+def _drop_repeats(con: duckdb.DuckDBPyConnection) -> None:
+    """Keep each (user, item)'s first row (by ts, NULLs last, then ord); delete the other rows of `t`.
+
+    Only the pairs that occur more than once go through the window (usually few), not the whole table.
+    """
+    con.execute(
+        "DELETE FROM t WHERE rowid IN (SELECT t.rowid FROM t SEMI JOIN (SELECT user_key, item_key FROM t "
+        "GROUP BY ALL HAVING count(*) > 1) USING (user_key, item_key) QUALIFY row_number() OVER "
+        "(PARTITION BY user_key, item_key ORDER BY ts NULLS LAST, ord) > 1)"
+    )
+
+
 def _kcore(con: duckdb.DuckDBPyConnection, min_user: int, min_item: int, steps: Steps) -> None:
-    """Remove users and items below their thresholds until nothing changes (the k-core is unique)."""
+    """Remove users and items below their thresholds until nothing changes (the k-core is unique).
+
+    Each iteration drops, at once, the rows of every user and item below its threshold, counted on the
+    rows left by the previous iteration. The loop runs on `kc(r, u, i)`, integer ids plus the row's
+    rowid in `t` (16 bytes a row instead of the string keys), deleting rows in place; the rows left out
+    of the core are deleted from `t` once at the end (the artifacts' order comes from their own ORDER BY).
+    """
+    for kind in ("user", "item"):
+        con.execute(f"CREATE OR REPLACE TEMP TABLE kc_{kind} AS SELECT {kind}_key, "
+                    f"(row_number() OVER ())::INTEGER AS id FROM (SELECT DISTINCT {kind}_key FROM t)")
+    con.execute("CREATE OR REPLACE TEMP TABLE kc AS SELECT t.rowid AS r, u.id AS u, i.id AS i FROM t "
+                "JOIN kc_user u USING (user_key) JOIN kc_item i USING (item_key)")
+    con.execute("DROP TABLE kc_user; DROP TABLE kc_item")
+    start = after = _count(con, "SELECT count(*) FROM kc")
     for iteration in range(1, 10_000):
-        before = _count(con, "SELECT count(*) FROM t")
+        before = after
         con.execute(
-            "CREATE OR REPLACE TABLE t AS SELECT * EXCLUDE (uc, ic) FROM (SELECT *, "
-            "count(*) OVER (PARTITION BY user_key) AS uc, count(*) OVER (PARTITION BY item_key) AS ic FROM t) "
-            f"WHERE uc >= {int(min_user)} AND ic >= {int(min_item)} ORDER BY ord"
+            f"DELETE FROM kc WHERE u IN (SELECT u FROM kc GROUP BY u HAVING count(*) < {int(min_user)}) "
+            f"OR i IN (SELECT i FROM kc GROUP BY i HAVING count(*) < {int(min_item)})"
         )
-        after = _count(con, "SELECT count(*) FROM t")
+        after = _count(con, "SELECT count(*) FROM kc")
         steps.step(f"k-core iteration {iteration}: {after:,} interactions")
         if after == before:
-            return
+            break
+    if after < start:
+        con.execute("DELETE FROM t WHERE rowid NOT IN (SELECT r FROM kc)")
+    con.execute("DROP TABLE kc")
 
 
 def _reindex(con: duckdb.DuckDBPyConnection) -> None:
@@ -168,10 +194,13 @@ def _write(con: duckdb.DuckDBPyConnection, ctx: StageContext, cfg: PrepareConfig
         f"USING (item_key) ORDER BY m.item_id",
         ctx.output("items"), ctx.metadata("items", meta),
     )
+    # One plain list of (ts, ord, item) per user, sorted afterwards: about twice as fast at 10^7 rows as
+    # two ordered aggregates, list(item_id ORDER BY ts, ord) and list(ts ORDER BY ts, ord).
     copy_query(
         con,
-        "SELECT user_id, list(item_id ORDER BY ts, ord) AS items, list(ts ORDER BY ts, ord) AS ts "
-        "FROM inter GROUP BY user_id ORDER BY user_id",
+        "SELECT user_id, [x.item_id FOR x IN s] AS items, [x.ts FOR x IN s] AS ts FROM (SELECT user_id, "
+        "list_sort(list(struct_pack(ts := ts, ord := ord, item_id := item_id))) AS s FROM inter GROUP BY user_id) "
+        "ORDER BY user_id",
         ctx.output("sequences"), ctx.metadata("sequences", meta),
     )
 
