@@ -126,3 +126,59 @@ def cli() -> Callable[..., Any]:
 
     yield invoke
     logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+
+
+# ------------------------------------------------------------------------------ embeddings (tokenize)
+
+
+def write_embeddings(root: Path, vectors: Any) -> None:
+    """An honest embeddings artifact: an `embed` run (through the stage runner, items as its parent)
+    whose body writes `vectors` (N x D float array, row i = item i) instead of encoding item text."""
+    import numpy as np
+    import pyarrow as pa
+
+    from bloger_cli.artifacts import write_arrow
+    from bloger_cli.config import EmbedConfig
+    from bloger_cli.workspace import Workspace, run_stage
+
+    ws = Workspace(root)
+    matrix = np.asarray(vectors, dtype=np.float32)
+
+    def body(ctx):
+        flat = pa.array(matrix.reshape(-1), pa.float32())
+        table = pa.table({"item_id": pa.array(np.arange(len(matrix)), pa.int32()),
+                          "embedding": pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1])})
+        write_arrow(table, ctx.output("embeddings"), ctx.metadata("embeddings", {"model": "test-vectors"}))
+        return {"items": len(matrix), "dim": int(matrix.shape[1])}
+
+    run_stage(ws, "embed", EmbedConfig(), {"artifact:items": ws.info("items", with_hash=True).content_hash},
+              body, force=True)
+
+
+@pytest.fixture(scope="session")
+def items64_workspace_template(tmp_path_factory) -> Path:
+    """A prepared synthetic workspace of 64 items (k-core 1/1); copy it, never modify it."""
+    from bloger_cli.config import PrepareConfig, SyntheticConfig
+    from bloger_cli.data import prepare
+    from bloger_cli.workspace import Workspace
+
+    root = tmp_path_factory.mktemp("items64") / "ws"
+    synthetic = SyntheticConfig(users=100, items=64, categories=8, interactions=1000)
+    prepare.run(PrepareConfig(source="synthetic", synthetic=synthetic, min_user_interactions=1,
+                              min_item_interactions=1), Workspace(root))
+    return root
+
+
+@pytest.fixture
+def items64_workspace(items64_workspace_template: Path, tmp_path: Path) -> Path:
+    """A private copy of the prepared 64-item synthetic workspace (no embeddings yet: see write_embeddings)."""
+    path = tmp_path / "ws64"
+    shutil.copytree(items64_workspace_template, path)
+    return path
+
+
+@pytest.fixture
+def make_embeddings() -> Callable[[Path, Any], None]:
+    """`make_embeddings(workspace_root, vectors)`: see write_embeddings (a fixture, so tests need not import
+    conftest, which stops working as a plain module once tests/ is a package)."""
+    return write_embeddings
