@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install quickstart test test-fast bench-prepare clean
+.PHONY: install quickstart test test-fast bench-prepare bench-tokenize clean
 
 install: $(VENV)/.installed
 
@@ -18,8 +18,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
+QUICK := --config examples/quickstart.toml --workspace bloger-work/quickstart
+
 quickstart: install
-	$(BIN)/bloger prepare --config examples/quickstart.toml --workspace bloger-work/quickstart
+	$(BIN)/bloger prepare $(QUICK)
+	HF_HUB_OFFLINE=1 $(BIN)/bloger embed $(QUICK)
+	$(BIN)/bloger tokenize $(QUICK)
+	$(BIN)/bloger export-ids $(QUICK)
 	$(BIN)/bloger status --workspace bloger-work/quickstart
 
 test: install
@@ -30,6 +35,9 @@ test-fast: install
 
 bench-prepare: install
 	$(BIN)/python benchmarks/prepare_scale.py
+
+bench-tokenize: install
+	$(BIN)/python benchmarks/tokenize_scale.py
 
 clean:
 	rm -rf bloger-work .pytest_cache

@@ -155,7 +155,7 @@ def test_needs_five_interactions_per_user():
 def test_quickstart_example_runs(tmp_path):
     path = Path(__file__).resolve().parents[3] / "examples" / "quickstart.toml"
     first = path.read_text(encoding="utf-8").splitlines()[0]
-    assert first == "# bloger prepare --config examples/quickstart.toml --workspace bloger-work/quickstart"
+    assert first == "# make quickstart  (runs, on workspace bloger-work/quickstart:)"
     cfg = resolve_config("prepare", path)
     out = prepare.run(cfg, Workspace(tmp_path / "ws"))
     assert out.result["users"] == cfg.synthetic.users and out.result["items_without_text"] == 0
