@@ -130,16 +130,24 @@ def empty_items(con: duckdb.DuckDBPyConnection) -> None:
 # letter: {"user": [item, ...]} in time order, optional {"item": {"title": ..., ...}}
 
 
-def letter_files(cfg: PrepareConfig) -> SourceFiles:
+def interactions_and_items(cfg: PrepareConfig, pattern: str, what: str,
+                           beside: Callable[[Path], Path]) -> SourceFiles:
+    """The interactions file (`--input`, or the one file matching `pattern` in that directory) and the
+    item file (`--items`, else `beside(interactions)` when it exists), both checked."""
     path = cfg.input
     if path.is_dir():
-        path = find_one(path, ["*.inter.json"], "LETTER interactions (*.inter.json)")
+        path = find_one(path, [pattern], f"{what} ({pattern})")
     require_file(path, "interactions")
     items = cfg.items
     if items is None:
-        guess = path.with_name(path.name.replace(".inter.json", ".item.json"))
+        guess = beside(path)
         items = guess if guess != path and guess.is_file() else None
     return SourceFiles([path], require_file(items, "item metadata") if items else None)
+
+
+def letter_files(cfg: PrepareConfig) -> SourceFiles:
+    return interactions_and_items(cfg, "*.inter.json", "LETTER interactions",
+                                  lambda p: p.with_name(p.name.replace(".inter.json", ".item.json")))
 
 
 def load_letter(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig, files: SourceFiles) -> SourceInfo:
@@ -313,15 +321,7 @@ def load_table(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig, files: Source
 
 
 def recbole_files(cfg: PrepareConfig) -> SourceFiles:
-    path = cfg.input
-    if path.is_dir():
-        path = find_one(path, ["*.inter"], "RecBole interactions (*.inter)")
-    require_file(path, "interactions")
-    items = cfg.items
-    if items is None:
-        guess = path.with_suffix(".item")
-        items = guess if guess.is_file() else None
-    return SourceFiles([path], require_file(items, "item metadata") if items else None)
+    return interactions_and_items(cfg, "*.inter", "RecBole interactions", lambda p: p.with_suffix(".item"))
 
 
 def _recbole_relation(con: duckdb.DuckDBPyConnection, path: Path) -> tuple[str, dict[str, str]]:
