@@ -182,3 +182,29 @@ def make_embeddings() -> Callable[[Path, Any], None]:
     """`make_embeddings(workspace_root, vectors)`: see write_embeddings (a fixture, so tests need not import
     conftest, which stops working as a plain module once tests/ is a package)."""
     return write_embeddings
+
+
+# ------------------------------------------------------------------------------ importers
+
+
+def import_source(source: str, input: Path, items: Path | None = None) -> None:
+    """Resolve and import only, no workspace: fast, for error cases (`prepare.run` re-raises them unchanged)."""
+    import duckdb
+
+    from bloger_cli.config import PrepareConfig
+    from bloger_cli.data import prepare
+
+    cfg = PrepareConfig(source=source, input=input, items=items)
+    files = prepare.resolve_source(cfg)
+    con = duckdb.connect()
+    try:
+        prepare.SOURCES[cfg.source][1](con, cfg, files)
+    finally:
+        con.close()
+
+
+def exactly(message: str) -> str:
+    """A pytest.raises(match=...) pattern for exactly this message."""
+    import re
+
+    return f"^{re.escape(message)}$"

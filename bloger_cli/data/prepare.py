@@ -8,7 +8,6 @@ in numeric order), chronological order with the input order as the tie-break.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import duckdb

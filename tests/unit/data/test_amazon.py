@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
-import re
 from pathlib import Path
 
-import duckdb
 import pyarrow.parquet as pq
 import pytest
 
@@ -15,6 +13,7 @@ from bloger_cli.config import PrepareConfig
 from bloger_cli.data import prepare
 from bloger_cli.errors import DataError
 from bloger_cli.workspace import Workspace
+from conftest import exactly, import_source
 
 ARTIFACTS = ("interactions", "items", "sequences")
 HINT_2014 = "expected Amazon 2014/2018 review lines with reviewerID, asin, unixReviewTime"
@@ -29,19 +28,7 @@ def run(tmp_path: Path, source: str, input: Path, items: Path | None = None) -> 
     return out.result, tables
 
 
-def load(source: str, input: Path, items: Path | None = None) -> None:
-    """Resolve and import only, no workspace: fast, for error cases (`run` re-raises them unchanged)."""
-    cfg = PrepareConfig(source=source, input=input, items=items)
-    files = prepare.resolve_source(cfg)
-    con = duckdb.connect()
-    try:
-        prepare.SOURCES[cfg.source][1](con, cfg, files)
-    finally:
-        con.close()
-
-
-def exactly(message: str) -> str:
-    return f"^{re.escape(message)}$"
+load = import_source  # (source, input, items=None)
 
 
 def write(path: Path, lines: list[str]) -> Path:

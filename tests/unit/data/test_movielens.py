@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-import duckdb
 import pyarrow.parquet as pq
 import pytest
 
@@ -13,6 +11,7 @@ from bloger_cli.config import PrepareConfig
 from bloger_cli.data import prepare
 from bloger_cli.errors import DataError
 from bloger_cli.workspace import Workspace
+from conftest import exactly, import_source
 
 ARTIFACTS = ("interactions", "items", "sequences")
 
@@ -26,18 +25,7 @@ def run(tmp_path: Path, input: Path, items: Path | None = None) -> tuple[dict, d
 
 
 def load(input: Path, items: Path | None = None) -> None:
-    """Resolve and import only, no workspace: fast, for error cases (`run` re-raises them unchanged)."""
-    cfg = PrepareConfig(source="movielens", input=input, items=items)
-    files = prepare.resolve_source(cfg)
-    con = duckdb.connect()
-    try:
-        prepare.SOURCES[cfg.source][1](con, cfg, files)
-    finally:
-        con.close()
-
-
-def exactly(message: str) -> str:
-    return f"^{re.escape(message)}$"
+    import_source("movielens", input, items)
 
 
 def write(path: Path, data: str | bytes) -> Path:
