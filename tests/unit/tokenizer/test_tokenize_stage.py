@@ -175,3 +175,19 @@ def test_hidden_widths_must_be_positive():
 
     with pytest.raises(ValidationError, match=r"hidden widths must be >= 1 \(got \[64, 0\]\)"):
         TokenizeConfig(hidden=[64, 0])
+
+
+def test_embeddings_of_another_item_set_are_refused(ws):
+    """prepare re-run on other data after embed: the embeddings no longer belong to the items."""
+    from bloger_cli.config import PrepareConfig, SyntheticConfig
+    from bloger_cli.data import prepare
+
+    other = SyntheticConfig(users=100, items=64, categories=8, interactions=1000, seed=1)
+    prepare.run(PrepareConfig(source="synthetic", synthetic=other, min_user_interactions=1,
+                              min_item_interactions=1), Workspace(ws))
+    with pytest.raises(ArtifactError) as err:
+        run(cfg(), Workspace(ws))
+    message = str(err.value)
+    assert message.startswith(f"{ws / 'embeddings.parquet'} was made from another items artifact (recorded ")
+    assert message.endswith("; re-run `bloger embed`")
+    assert not (ws / "semantic_ids.parquet").exists()
