@@ -1,4 +1,9 @@
-"""The one progress helper: rich bars and step spinners on stderr, silent when quiet or not a terminal."""
+"""The one progress helper: rich bars and step spinners on stderr, silent when quiet or not a terminal.
+
+Rich allows one live display at a time, so a stage's step spinner (`Steps`) and the bars inside it
+(`track`) share one `Progress`: a bar started while steps are shown becomes a second line of the same
+display and disappears when it ends.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,12 @@ import sys
 from typing import Iterable, Iterator, TypeVar
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_state = {"quiet": False}
+_state: dict = {"quiet": False, "live": None}
 
 
 def set_quiet(quiet: bool) -> None:
@@ -24,8 +29,18 @@ def enabled() -> bool:
     return not _state["quiet"] and sys.stderr.isatty()
 
 
-def _console() -> Console:
-    return Console(stderr=True)
+def _start() -> Progress:
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                        TextColumn("{task.fields[count]}"), TimeElapsedColumn(),
+                        console=Console(stderr=True), transient=True)
+    progress.start()
+    _state["live"] = progress
+    return progress
+
+
+def _stop(progress: Progress) -> None:
+    progress.stop()
+    _state["live"] = None
 
 
 class Steps:
@@ -34,14 +49,16 @@ class Steps:
     def __init__(self, title: str) -> None:
         self.title = title
         self._progress: Progress | None = None
+        self._owned = False
         self._task = None
 
     def __enter__(self) -> "Steps":
         if enabled():
-            self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                                      console=_console(), transient=True)
-            self._progress.start()
-            self._task = self._progress.add_task(self.title)
+            self._progress = _state["live"]
+            self._owned = self._progress is None
+            if self._owned:
+                self._progress = _start()
+            self._task = self._progress.add_task(self.title, total=None, count="")
         return self
 
     def step(self, message: str) -> None:
@@ -51,17 +68,26 @@ class Steps:
 
     def __exit__(self, *exc: object) -> None:
         if self._progress is not None:
-            self._progress.stop()
+            self._progress.remove_task(self._task)
+            if self._owned:
+                _stop(self._progress)
 
 
 def track(items: Iterable[T], total: int | None, description: str) -> Iterator[T]:
-    """Iterate with a progress bar (count, rate, elapsed) when enabled."""
+    """Iterate with a progress bar (count, elapsed) when enabled; joins the live display if there is one."""
     if not enabled():
         yield from items
         return
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=_console(), transient=True) as progress:
-        task = progress.add_task(description, total=total)
-        for item in items:
+    progress = _state["live"]
+    owned = progress is None
+    if owned:
+        progress = _start()
+    task = progress.add_task(description, total=total, count=f"0/{total if total is not None else '?'}")
+    try:
+        for done, item in enumerate(items, start=1):
             yield item
-            progress.advance(task)
+            progress.update(task, advance=1, count=f"{done}/{total if total is not None else '?'}")
+    finally:
+        progress.remove_task(task)
+        if owned:
+            _stop(progress)
