@@ -73,21 +73,48 @@ class Steps:
                 _stop(self._progress)
 
 
+class Bar:
+    """A progress bar with a free-text status (loss, throughput) beside the count; a no-op when disabled.
+
+        with Bar(total=steps, description="epoch 3") as bar:
+            for ...: bar.advance(status=f"loss {loss:.3f}")
+    """
+
+    def __init__(self, total: int | None, description: str) -> None:
+        self.total, self.description = total, description
+        self.done = 0
+        self._progress: Progress | None = None
+        self._owned = False
+        self._task = None
+
+    def __enter__(self) -> "Bar":
+        if enabled():
+            self._progress = _state["live"]
+            self._owned = self._progress is None
+            if self._owned:
+                self._progress = _start()
+            self._task = self._progress.add_task(self.description, total=self.total, count=self._count(""))
+        return self
+
+    def _count(self, status: str) -> str:
+        count = f"{self.done}/{self.total if self.total is not None else '?'}"
+        return f"{count} {status}" if status else count
+
+    def advance(self, n: int = 1, status: str = "") -> None:
+        self.done += n
+        if self._progress is not None:
+            self._progress.update(self._task, advance=n, count=self._count(status))
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.remove_task(self._task)
+            if self._owned:
+                _stop(self._progress)
+
+
 def track(items: Iterable[T], total: int | None, description: str) -> Iterator[T]:
     """Iterate with a progress bar (count, elapsed) when enabled; joins the live display if there is one."""
-    if not enabled():
-        yield from items
-        return
-    progress = _state["live"]
-    owned = progress is None
-    if owned:
-        progress = _start()
-    task = progress.add_task(description, total=total, count=f"0/{total if total is not None else '?'}")
-    try:
-        for done, item in enumerate(items, start=1):
+    with Bar(total, description) as bar:
+        for item in items:
             yield item
-            progress.update(task, advance=1, count=f"{done}/{total if total is not None else '?'}")
-    finally:
-        progress.remove_task(task)
-        if owned:
-            _stop(progress)
+            bar.advance()
