@@ -1,0 +1,438 @@
+"""The recommender of DESIGN.md section 1: a compact T5-style encoder-decoder over semantic-ID tokens,
+built bottom-up. `RecommenderConfig` is the whole contract; `hf_port.to_hf_t5` copies the weights into
+Hugging Face's `T5ForConditionalGeneration` and gives the same logits.
+
+    RecommenderNorm         x / rms(x) * w in fp32 (T5LayerNorm: no mean, no bias)
+    RecommenderAttention    q, k, v, o without bias; softmax(q k^T + bias + mask) v with no 1/sqrt(dk):
+                            T5 folds that scale into the init of q. One SDPA call, bias and mask as its
+                            float attn_mask.
+    RecommenderFeedForward  wo(dropout(relu(wi(x))))
+    RecommenderBlock        x += drop(attn(norm(x)));  [decoder: x += drop(cross(norm(x)))];
+                            x += drop(ffn(norm(x)))
+    RecommenderStack        dropout(embeddings) -> blocks -> final norm -> dropout; owns the stack's
+                            relative position bias, computed once per call and shared by its blocks
+    Recommender             shared embedding (hard + soft, "mixed representation") -> encoder -> Memory
+                            decoder over W candidate sequences per user (KV cache) -> untied lm_head
+
+Shapes: B users, S history tokens, W candidate sequences per user, T decoder tokens (t with the cached
+ones), H heads, dk = d_kv, D = d_model, L' tokens per item, L soft levels, K codes, V vocabulary.
+
+Second-order gradients (the bi-level meta step) need attention whose backward is differentiable again.
+SDPA's math backend is; the fused CPU and CUDA kernels are not, and SDPA picks them whenever it can (on
+CPU: when dropout is off and the mask needs no grad, as in cross-attention). Run the forward passes whose
+gradients are taken with `create_graph=True` under `second_order()`.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from bloger_cli.recommender.vocab import SPECIAL, Vocab
+
+
+@dataclass
+class RecommenderConfig:
+    """Everything that fixes the model's shapes (plain values: it goes into the checkpoint)."""
+
+    levels: int  # L': tokens per item (tokenizer levels + an optional disambiguation level)
+    codebook_size: int  # K
+    soft_levels: int  # L: levels that can receive soft assignments (the tokenizer's); L' - L is 0 or 1
+    d_model: int = 128
+    num_layers: int = 4  # encoder layers
+    num_decoder_layers: int | None = None  # None: as many as the encoder
+    num_heads: int = 6
+    d_kv: int = 64
+    d_ff: int = 1024
+    dropout: float = 0.1
+    rel_buckets: int = 32
+    rel_max_distance: int = 128
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.levels < 1 or self.codebook_size < 1:
+            raise ValueError(f"levels ({self.levels}) and codebook_size ({self.codebook_size}) must be >= 1")
+        if self.levels - self.soft_levels not in (0, 1) or self.soft_levels < 1:
+            raise ValueError(f"soft_levels ({self.soft_levels}) must be levels ({self.levels}) or levels - 1, "
+                             "and at least 1")
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
+
+    @property
+    def vocab(self) -> Vocab:
+        return Vocab(self.levels, self.codebook_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.vocab.size
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Memory(NamedTuple):
+    """The encoder's output: what the decoder attends to."""
+
+    hidden: Tensor  # (B, S, D)
+    mask: Tensor  # (B, S) bool, True = real token
+
+
+class RecommenderOutput(NamedTuple):
+    logits: Tensor  # (B, T, V) float32
+    loss: Tensor | None  # mean token cross-entropy over labels != -100
+
+
+@contextmanager
+def second_order() -> Iterator[None]:
+    """Restrict SDPA to its math backend, whose backward can be differentiated again (create_graph=True).
+
+    Without it the fused kernels raise "derivative for ..._backward is not implemented" on the second
+    backward. The math backend costs memory (it materialises the (., H, T, S) scores), so ordinary
+    training leaves the choice to SDPA.
+    """
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+def relative_position_bucket(relative_position: Tensor, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> Tensor:
+    """T5's bucketing of key - query distances (HF `T5Attention._relative_position_bucket`, from Mesh TF):
+    half the buckets are exact small distances, the other half log-spaced up to max_distance; with
+    bidirectional, the upper half of the buckets is for keys after the query; otherwise keys after the
+    query share bucket 0 (the causal mask hides them anyway)."""
+    buckets = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).long() * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = (-relative_position).clamp(min=0)
+    max_exact = num_buckets // 2
+    # clamp: log(0) never reaches the small distances, which take the exact branch (same buckets as HF)
+    large = max_exact + (torch.log(distance.clamp(min=max_exact).float() / max_exact)
+                         / math.log(max_distance / max_exact) * (num_buckets - max_exact)).long()
+    large = large.clamp(max=num_buckets - 1)
+    return buckets + torch.where(distance < max_exact, distance, large)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype SDPA computes in: the autocast dtype inside autocast, else x's. Masks are built in it,
+    with that dtype's own minimum, so a bf16 mask never rounds finfo(float32).min to -inf."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _masked(bias: Tensor, keep: Tensor, dtype: torch.dtype) -> Tensor:
+    """Float attn_mask: the bias where keep, dtype's minimum elsewhere (as HF does: a row with no key
+    left gets uniform weights, never NaN)."""
+    return torch.where(keep, bias.to(dtype), torch.finfo(dtype).min)
+
+
+class RecommenderNorm(nn.Module):
+    """RMSNorm as T5LayerNorm: scale only, no mean subtraction, no bias, in fp32 (also under autocast)."""
+
+    def __init__(self, width: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(self.weight.dtype)
+
+
+class RecommenderAttention(nn.Module):
+    """Multi-head attention without biases or score scaling; the caller supplies K/V and the mask."""
+
+    def __init__(self, config: RecommenderConfig) -> None:
+        super().__init__()
+        inner = config.num_heads * config.d_kv
+        self.q = nn.Linear(config.d_model, inner, bias=False)
+        self.k = nn.Linear(config.d_model, inner, bias=False)
+        self.v = nn.Linear(config.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, config.d_model, bias=False)
+        self.heads, self.d_kv, self.dropout = config.num_heads, config.d_kv, config.dropout
+
+    def split(self, x: Tensor) -> Tensor:
+        """(N, T, H*dk) -> (N, H, T, dk)."""
+        return x.unflatten(-1, (self.heads, self.d_kv)).transpose(1, 2)
+
+    def keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(N, T, D) -> keys and values, each (N, H, T, dk)."""
+        return self.split(self.k(x)), self.split(self.v(x))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        """q (N, H, Tq, dk), k and v (N, H, Tk, dk), mask broadcastable to (N, H, Tq, Tk) -> (N, Tq, D)."""
+        p = self.dropout if self.training else 0.0  # T5 drops attention weights too
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=1.0)  # (N, H, Tq, dk)
+        return self.o(out.transpose(1, 2).flatten(2))  # (N, Tq, D)
+
+
+class RecommenderFeedForward(nn.Module):
+    def __init__(self, config: RecommenderConfig) -> None:
+        super().__init__()
+        self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.wo(self.dropout(F.relu(self.wi(x))))
+
+
+class RecommenderBlock(nn.Module):
+    """One pre-norm layer over x (B, W, T, D): W sequences per user (W = 1 in the encoder).
+
+    Self-attention runs per sequence on (B*W, H, T, dk). Cross-attention gathers each user's W*T queries
+    into one (B, H, W*T, dk) row against that user's (B, H, S, dk) keys, so encoder states are never
+    copied W times.
+    """
+
+    def __init__(self, config: RecommenderConfig, cross: bool) -> None:
+        super().__init__()
+        self.self_norm = RecommenderNorm(config.d_model, config.eps)
+        self.self_attn = RecommenderAttention(config)
+        if cross:
+            self.cross_norm = RecommenderNorm(config.d_model, config.eps)
+            self.cross_attn = RecommenderAttention(config)
+        self.ffn_norm = RecommenderNorm(config.d_model, config.eps)
+        self.ffn = RecommenderFeedForward(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, self_mask: Tensor, past: tuple[Tensor, Tensor] | None = None,
+                cross: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """x (B, W, T, D); self_mask broadcastable to (B*W, H, T, t); past: cached keys and values, each
+        (B*W, H, t - T, dk); cross: keys, values (B, H, S, dk) and mask (B, 1, 1, S).
+        Returns x (B, W, T, D) and this layer's self-attention keys and values (B*W, H, t, dk)."""
+        B, W, T, D = x.shape
+        h = self.self_norm(x).flatten(0, 1)  # (B*W, T, D)
+        q = self.self_attn.split(self.self_attn.q(h))  # (B*W, H, T, dk)
+        k, v = self.self_attn.keys_values(h)  # (B*W, H, T, dk)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B*W, H, t, dk)
+        x = x + self.dropout(self.self_attn.attend(q, k, v, self_mask).view(B, W, T, D))
+        if cross is not None:
+            h = self.cross_norm(x).flatten(1, 2)  # (B, W*T, D)
+            q = self.cross_attn.split(self.cross_attn.q(h))  # (B, H, W*T, dk)
+            x = x + self.dropout(self.cross_attn.attend(q, *cross).view(B, W, T, D))
+        x = x + self.dropout(self.ffn(self.ffn_norm(x)))
+        return x, (k, v)
+
+
+class RecommenderStack(nn.Module):
+    """The encoder (bidirectional position bias) or the decoder (causal, with cross-attention)."""
+
+    def __init__(self, config: RecommenderConfig, num_layers: int, decoder: bool) -> None:
+        super().__init__()
+        # HF keeps this table in block 0's self-attention ("has_relative_attention_bias") and hands the
+        # bias it computes to the other blocks; same math, kept here where it is used
+        self.relative_bias = nn.Embedding(config.rel_buckets, config.num_heads)
+        self.blocks = nn.ModuleList([RecommenderBlock(config, cross=decoder) for _ in range(num_layers)])
+        self.final_norm = RecommenderNorm(config.d_model, config.eps)
+        self.dropout = nn.Dropout(config.dropout)
+        self.decoder = decoder
+        self.buckets, self.max_distance = config.rel_buckets, config.rel_max_distance
+
+    def position_bias(self, queries: int, keys: int, offset: int = 0) -> Tensor:
+        """(1, H, Tq, Tk) for queries at positions offset.. against keys at positions 0..keys-1."""
+        device = self.relative_bias.weight.device
+        query = torch.arange(queries, device=device) + offset  # (Tq,)
+        key = torch.arange(keys, device=device)  # (Tk,)
+        buckets = relative_position_bucket(key[None, :] - query[:, None], not self.decoder, self.buckets,
+                                           self.max_distance)  # (Tq, Tk)
+        return self.relative_bias(buckets).permute(2, 0, 1).unsqueeze(0)  # (1, H, Tq, Tk)
+
+    def forward(self, x: Tensor, self_mask: Tensor, past: tuple[tuple[Tensor, Tensor], ...] | None = None,
+                cross: list[tuple[Tensor, Tensor, Tensor]] | None = None,
+                ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """x (B, W, T, D) -> (B, W, T, D) after the final norm and dropout, and each layer's K/V."""
+        x = self.dropout(x)
+        kv = []
+        for i, block in enumerate(self.blocks):
+            x, layer_kv = block(x, self_mask, None if past is None else past[i], None if cross is None else cross[i])
+            kv.append(layer_kv)
+        return self.dropout(self.final_norm(x)), kv
+
+
+@dataclass(frozen=True)
+class DecoderCache:
+    """The decoder's keys and values so far, for incremental decoding. Immutable: `decode` and `reorder`
+    return new caches, so a caller can keep an old one (and tests can branch from it)."""
+
+    self_kv: tuple[tuple[Tensor, Tensor], ...]  # per decoder layer: keys, values (B*W, H, t, dk)
+    cross_kv: tuple[tuple[Tensor, Tensor], ...]  # per decoder layer: keys, values (B, H, S, dk), once per user
+    length: int  # t: tokens decoded so far
+
+    @property
+    def users(self) -> int:
+        return self.cross_kv[0][0].shape[0]
+
+    @property
+    def width(self) -> int:
+        """W: sequences per user."""
+        return self.self_kv[0][0].shape[0] // self.users
+
+    def reorder(self, index: Tensor) -> DecoderCache:
+        """A new cache whose beam j of user b continues beam index[b, j] of the old one: index (B, W') long,
+        W' may differ from W. Only the self-attention K/V move; the cross K/V stay one per user."""
+        if index.dim() != 2 or index.shape[0] != self.users:
+            raise ValueError(f"reorder index has shape {tuple(index.shape)}, the cache holds {self.users} users "
+                             f"(expected ({self.users}, W'))")
+        rows = torch.arange(self.users, device=index.device)[:, None]  # (B, 1)
+
+        def pick(t: Tensor) -> Tensor:  # (B*W, H, t, dk) -> (B*W', H, t, dk)
+            return t.unflatten(0, (self.users, -1))[rows, index].flatten(0, 1)
+
+        return DecoderCache(tuple((pick(k), pick(v)) for k, v in self.self_kv), self.cross_kv, self.length)
+
+
+class Recommender(nn.Module):
+    def __init__(self, config: RecommenderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)  # encoder and decoder tokens
+        self.encoder = RecommenderStack(config, config.num_layers, decoder=False)
+        self.decoder = RecommenderStack(config, config.decoder_layers, decoder=True)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)  # untied, unscaled (T5 v1.1)
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        """HF `T5PreTrainedModel._init_weights` with factor 1.0 (Mesh TF's init): the query's std carries
+        the 1/sqrt(dk) that attention leaves out."""
+        c = self.config
+        for module in self.modules():
+            if isinstance(module, RecommenderNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, RecommenderAttention):
+                nn.init.normal_(module.q.weight, std=(c.d_model * c.d_kv) ** -0.5)
+                nn.init.normal_(module.k.weight, std=c.d_model**-0.5)
+                nn.init.normal_(module.v.weight, std=c.d_model**-0.5)
+                nn.init.normal_(module.o.weight, std=(c.num_heads * c.d_kv) ** -0.5)
+            elif isinstance(module, RecommenderFeedForward):
+                nn.init.normal_(module.wi.weight, std=c.d_model**-0.5)
+                nn.init.normal_(module.wo.weight, std=c.d_ff**-0.5)
+            elif isinstance(module, RecommenderStack):
+                nn.init.normal_(module.relative_bias.weight, std=c.d_model**-0.5)
+        nn.init.normal_(self.shared.weight, std=1.0)
+        nn.init.normal_(self.lm_head.weight, std=1.0)
+
+    # --- embeddings -----------------------------------------------------------------------------------
+
+    def _soft(self, probs: Tensor, first_level: int = 0) -> Tensor:
+        """s - sg[s] for levels first_level.. of probs (..., n, K): (..., n, D), zero in value.
+
+        s = p_l @ E_l, one einsum over the (L', K, D) view of the code rows: never a (..., V) one-hot.
+        The gradient reaches p (the tokenizer) and, as DESIGN.md's formula says, E_l as well.
+        """
+        c = self.config
+        rows = self.shared.weight[SPECIAL:SPECIAL + c.levels * c.codebook_size].view(
+            c.levels, c.codebook_size, -1)  # (L', K, D)
+        rows = rows[first_level:first_level + probs.shape[-2]]  # (n, K, D)
+        s = torch.einsum("...lk,lkd->...ld", probs.to(rows.dtype), rows)  # (..., n, D)
+        return s - s.detach()
+
+    def embed(self, tokens: Tensor, probs: Tensor | None = None) -> Tensor:
+        """Item-major tokens (..., T) -> (..., T, D): E[hard] + (s - sg[s]) on the first L levels of each
+        item (token t is level t % L'), E[hard] alone elsewhere. probs (..., T // L', L, K) or None.
+        The value is exactly the hard embedding; only the gradient sees probs."""
+        x = self.shared(tokens)  # (..., T, D)
+        if probs is None:
+            return x
+        c = self.config
+        T = tokens.shape[-1]
+        expected = (*tokens.shape[:-1], T // c.levels, c.soft_levels, c.codebook_size)
+        if T % c.levels or tuple(probs.shape) != expected:
+            raise ValueError(f"probs have shape {tuple(probs.shape)}, tokens {tuple(tokens.shape)} need "
+                             f"{expected} (T a multiple of L' = {c.levels})")
+        items = x.unflatten(-2, (T // c.levels, c.levels))  # (..., T/L', L', D)
+        soft = items[..., :c.soft_levels, :] + self._soft(probs)  # (..., T/L', L, D)
+        items = torch.cat([soft, items[..., c.soft_levels:, :]], dim=-2)  # levels >= L: no path to probs
+        return items.flatten(-3, -2)  # (..., T, D)
+
+    def _embed_target(self, tokens: Tensor, probs: Tensor | None, start: int) -> Tensor:
+        """Decoder tokens (B, W, T) at positions start.. -> (B, W, T, D). Position p in 1..L holds level
+        p - 1 of the target item ([PAD, c_0, .., c_{L'-1}]) and gets probs[:, :, p - 1] (B, W, L, K)."""
+        x = self.shared(tokens)  # (B, W, T, D)
+        if probs is None:
+            return x
+        c = self.config
+        expected = (*tokens.shape[:2], c.soft_levels, c.codebook_size)
+        if tuple(probs.shape) != expected:
+            raise ValueError(f"decoder probs have shape {tuple(probs.shape)}, tokens {tuple(tokens.shape)} "
+                             f"need {expected}")
+        lo, hi = max(1, start), min(c.soft_levels + 1, start + tokens.shape[2])  # soft positions here
+        if lo >= hi:
+            return x
+        a, b = lo - start, hi - start  # the same positions, relative to this call
+        soft = x[:, :, a:b] + self._soft(probs[:, :, lo - 1:hi - 1], first_level=lo - 1)  # (B, W, b-a, D)
+        return torch.cat([x[:, :, :a], soft, x[:, :, b:]], dim=2)
+
+    # --- encoder and decoder --------------------------------------------------------------------------
+
+    def encode(self, input_ids: Tensor, attention_mask: Tensor, input_probs: Tensor | None = None) -> Memory:
+        """input_ids (B, S) item-major history (pad where the mask is False), attention_mask (B, S),
+        input_probs (B, S // L', L, K) or None -> Memory."""
+        mask = attention_mask.bool()  # (B, S)
+        x = self.embed(input_ids, input_probs)  # (B, S, D)
+        S = input_ids.shape[1]
+        self_mask = _masked(self.encoder.position_bias(S, S), mask[:, None, None, :], _compute_dtype(x))  # (B, H, S, S)
+        hidden, _ = self.encoder(x.unsqueeze(1), self_mask)  # (B, 1, S, D)
+        return Memory(hidden.squeeze(1), mask)
+
+    def decode(self, memory: Memory, tokens: Tensor, probs: Tensor | None = None,
+               cache: DecoderCache | None = None, use_cache: bool = False) -> tuple[Tensor, DecoderCache | None]:
+        """tokens (B, W, T): W candidate sequences per user -> hidden (B, W, T, D) after the final norm
+        and dropout, and (use_cache) a new cache that also holds these T tokens (else None).
+
+        With a cache the tokens continue its sequences at absolute positions cache.length.. (W must be
+        the cache's width; `reorder` first to change it); the cross K/V come from the cache. probs
+        (B, W, L, K) or None: the target item's soft assignments for decoder positions 1..L.
+        """
+        B, W, T = tokens.shape
+        past = 0 if cache is None else cache.length
+        if cache is not None and (cache.users, cache.width) != (B, W):
+            raise ValueError(f"tokens have B={B}, W={W}, the cache B={cache.users}, W={cache.width}; "
+                             "reorder the cache to the new beams first")
+        x = self._embed_target(tokens, probs, past)  # (B, W, T, D)
+        dtype = _compute_dtype(x)
+        query = torch.arange(T, device=tokens.device)[:, None] + past  # (T, 1) absolute positions
+        causal = torch.arange(past + T, device=tokens.device)[None, :] <= query  # (T, t)
+        self_mask = _masked(self.decoder.position_bias(T, past + T, offset=past), causal, dtype)  # (1, H, T, t)
+        zero = torch.zeros((), device=tokens.device)  # no position bias in cross-attention
+        cross_mask = _masked(zero, memory.mask[:, None, None, :], dtype)  # (B, 1, 1, S)
+        if cache is None:  # each layer's cross K/V: (B, H, S, dk), once per user whatever W is
+            cross_kv = tuple(block.cross_attn.keys_values(memory.hidden) for block in self.decoder.blocks)
+        else:
+            cross_kv = cache.cross_kv
+        cross = [(k, v, cross_mask) for k, v in cross_kv]
+        hidden, self_kv = self.decoder(x, self_mask, None if cache is None else cache.self_kv, cross)
+        return hidden, DecoderCache(tuple(self_kv), cross_kv, past + T) if use_cache else None
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """(..., D) -> (..., V) float32 (also under autocast, for a stable softmax)."""
+        return self.lm_head(hidden).float()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, decoder_input_ids: Tensor,
+                labels: Tensor | None = None, *, input_probs: Tensor | None = None,
+                decoder_probs: Tensor | None = None) -> RecommenderOutput:
+        """input_ids, attention_mask (B, S); decoder_input_ids, labels (B, T) (-100 ignored);
+        input_probs (B, S // L', L, K), decoder_probs (B, L, K) or None."""
+        memory = self.encode(input_ids, attention_mask, input_probs)
+        probs = None if decoder_probs is None else decoder_probs.unsqueeze(1)  # (B, 1, L, K)
+        hidden, _ = self.decode(memory, decoder_input_ids.unsqueeze(1), probs)  # (B, 1, T, D)
+        logits = self.logits(hidden.squeeze(1))  # (B, T, V)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return RecommenderOutput(logits, loss)
