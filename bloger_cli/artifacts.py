@@ -83,6 +83,33 @@ SPECS: dict[str, ArtifactSpec] = {
             producer="tokenize",
         ),
         ArtifactSpec("tokenizer", "tokenizer.pt", pa.schema([]), producer="tokenize", format="torch"),
+        # train-bilevel: the recommender checkpoints, the per-epoch history, and the semantic IDs and
+        # tokenizer the trained model decodes with (equal to tokenize's in mode fixed).
+        ArtifactSpec("checkpoint", "best.pt", pa.schema([]), producer="train-bilevel", format="torch"),
+        ArtifactSpec("last_checkpoint", "last.pt", pa.schema([]), producer="train-bilevel", format="torch"),
+        ArtifactSpec(
+            "history", "history.parquet",
+            pa.schema([("epoch", pa.int32()), ("step", pa.int64()), ("lr", pa.float64()),
+                       ("train_loss", pa.float64()), ("val_recall_10", pa.float64()),
+                       ("val_ndcg_10", pa.float64()), ("seconds", pa.float64()),
+                       ("samples_per_s", pa.float64())]),
+            producer="train-bilevel",
+            extra_type=pa.float64(),  # mode-specific series (tokenizer losses, codebook statistics)
+        ),
+        ArtifactSpec(
+            "trained_semantic_ids", "trained_semantic_ids.parquet",
+            pa.schema([("item_id", pa.int32()), ("codes", pa.list_(pa.int16(), ANY_SIZE))]),
+            producer="train-bilevel",
+        ),
+        ArtifactSpec("trained_tokenizer", "trained_tokenizer.pt", pa.schema([]), producer="train-bilevel",
+                     format="torch"),
+        ArtifactSpec(
+            "metrics", "metrics.parquet",
+            pa.schema([("run_id", pa.string()), ("split", pa.string()), ("method", pa.string()),
+                       ("metric", pa.string()), ("k", pa.int32()), ("value", pa.float64()),
+                       ("n_users", pa.int32())]),
+            producer="evaluate",
+        ),
     )
 }
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from bloger_cli.errors import ConfigError
 
@@ -166,8 +166,92 @@ class ExportConfig(StrictModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
 
+class ModelConfig(StrictModel):
+    """`[train-bilevel.model]`: the T5-style encoder-decoder (defaults: the paper's 4 + 4 layers, d 128)."""
+
+    d_model: int = Field(128, ge=1)
+    num_layers: int = Field(4, ge=1, description="encoder layers")
+    num_decoder_layers: int | None = Field(None, ge=1, description="decoder layers (default: num_layers)")
+    num_heads: int = Field(6, ge=1)
+    d_kv: int = Field(64, ge=1, description="width of each attention head")
+    d_ff: int = Field(1024, ge=1, description="feed-forward inner width")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    rel_buckets: int = Field(32, ge=2, description="relative position buckets")
+    rel_max_distance: int = Field(128, ge=2, description="relative distance beyond which buckets saturate")
+
+
+class TrainConfig(StrictModel):
+    """`[train-bilevel.train]`: optimiser, schedule, validation and early stopping."""
+
+    lr: float = Field(5e-4, gt=0, description="recommender AdamW learning rate")
+    weight_decay: float = Field(1e-2, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="after the warmup")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup from 0 to lr")
+    clip_norm: float | None = Field(1.0, gt=0, description="gradient clipping (None: off)")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on capable GPUs")
+    eval_every: int = Field(1, ge=1, description="validate every this many epochs")
+    val_users: int | None = Field(None, ge=1, description="validate on a fixed sample of this many users (None: all)")
+    val_beam: int = Field(20, ge=10, description="beam width of validation decoding (metrics are @10)")
+    metric: Literal["recall@10", "ndcg@10"] = Field("ndcg@10", description="early stopping and best.pt")
+    patience: int | None = Field(10, ge=1, description="stop after this many validations without improvement")
+    eval_batch_size: int = Field(256, ge=1, description="users per decoding batch")
+
+
+class TrainBilevelConfig(StrictModel):
+    """`bloger train-bilevel`: the generative recommender (and, in bilevel modes, the tokenizer)."""
+
+    mode: Literal["fixed"] = Field("fixed", description="fixed: tokenizer frozen (TIGER)")
+    epochs: int = Field(200, ge=1)
+    batch_size: int = Field(256, ge=1)
+    seed: int = 42
+    device: Device = "auto"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+DEFAULT_KS = (1, 5, 10, 20)
+
+
+class EvaluateConfig(StrictModel):
+    """`bloger evaluate`: decode held-out users and compute Recall@K and NDCG@K, item-level."""
+
+    checkpoint: Path | None = Field(None, description="default: the workspace's best.pt")
+    split: Literal["test", "valid"] = "test"
+    k: list[int] = Field(list(DEFAULT_KS), min_length=1, description="cut-offs, e.g. 1,5,10,20")
+    beam: int = Field(20, ge=1, description="beam width of constrained decoding")
+    decode: Literal["beam", "exact"] = Field("beam", description="exact: score every item (small catalogs)")
+    batch_size: int = Field(256, ge=1, description="users per decoding batch")
+    device: Device = "auto"
+
+    @field_validator("k", mode="before")
+    @classmethod
+    def _parse_ks(cls, value: Any) -> Any:
+        if isinstance(value, (str, int)):
+            parts = [p.strip() for p in str(value).split(",") if p.strip()]
+            if not parts or not all(p.lstrip("-").isdigit() for p in parts):
+                raise ValueError(f"k must be comma-separated whole numbers like 1,5,10,20 (got {value!r})")
+            return [int(p) for p in parts]
+        return value
+
+    @field_validator("k")
+    @classmethod
+    def _positive_ks(cls, value: list[int]) -> list[int]:
+        bad = [k for k in value if k < 1]
+        if bad:
+            raise ValueError(f"every k must be at least 1 (got {bad[0]})")
+        return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _beam_covers_k(self) -> "EvaluateConfig":
+        if self.decode == "beam" and self.beam < max(self.k):
+            raise ValueError(f"beam ({self.beam}) must be at least the largest k ({max(self.k)}): a beam of "
+                             f"width W yields W items")
+        return self
+
+
 STAGE_CONFIGS: dict[str, type[StrictModel]] = {
-    "prepare": PrepareConfig, "embed": EmbedConfig, "tokenize": TokenizeConfig, "export-ids": ExportConfig,
+    "prepare": PrepareConfig, "embed": EmbedConfig, "tokenize": TokenizeConfig,
+    "train-bilevel": TrainBilevelConfig, "evaluate": EvaluateConfig, "export-ids": ExportConfig,
 }
 
 
