@@ -208,3 +208,69 @@ def exactly(message: str) -> str:
     import re
 
     return f"^{re.escape(message)}$"
+
+
+# ------------------------------------------------------------------------------ training
+
+
+TINY_MODEL = ["--set", "model.d_model=16", "--set", "model.num_layers=1", "--set", "model.num_heads=2",
+              "--set", "model.d_kv=8", "--set", "model.d_ff=32", "--set", "model.dropout=0.0"]
+
+
+def tiny_train_config(**overrides: Any):
+    """A train-bilevel config with a model small enough for unit tests (1 layer, d 16)."""
+    from bloger_cli.config import ModelConfig, TrainBilevelConfig
+
+    model = ModelConfig(d_model=16, num_layers=1, num_heads=2, d_kv=8, d_ff=32, dropout=0.0)
+    values = {"epochs": 2, "batch_size": 64, "device": "cpu", "model": model, **overrides}
+    return TrainBilevelConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def tokenized_workspace_template(items64_workspace_template: Path, tmp_path_factory) -> Path:
+    """The 64-item synthetic workspace with random 16-d embeddings and 2 x 16 residual k-means IDs."""
+    import numpy as np
+
+    from bloger_cli.config import TokenizeConfig
+    from bloger_cli.tokenizer import stage as tokenize
+    from bloger_cli.workspace import Workspace
+
+    root = tmp_path_factory.mktemp("tokenized") / "ws"
+    shutil.copytree(items64_workspace_template, root)
+    write_embeddings(root, np.random.default_rng(0).normal(size=(64, 16)))
+    tokenize.run(TokenizeConfig(method="rq-kmeans", levels=2, codebook_size=16, device="cpu"), Workspace(root))
+    return root
+
+
+@pytest.fixture
+def tokenized_workspace(tokenized_workspace_template: Path, tmp_path: Path) -> Path:
+    """A private copy of the tokenized 64-item workspace (ready for train-bilevel)."""
+    path = tmp_path / "tok"
+    shutil.copytree(tokenized_workspace_template, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_workspace_template(tokenized_workspace_template: Path, tmp_path_factory) -> Path:
+    """The tokenized workspace after a 2-epoch train-bilevel run of a tiny model (mode fixed)."""
+    from bloger_cli.training import stage as train
+    from bloger_cli.workspace import Workspace
+
+    root = tmp_path_factory.mktemp("trained") / "ws"
+    shutil.copytree(tokenized_workspace_template, root)
+    train.run(tiny_train_config(), Workspace(root))
+    return root
+
+
+@pytest.fixture
+def trained_workspace(trained_workspace_template: Path, tmp_path: Path) -> Path:
+    """A private copy of the trained tiny workspace (ready for evaluate and export-ids --from train)."""
+    path = tmp_path / "trained"
+    shutil.copytree(trained_workspace_template, path)
+    return path
+
+
+@pytest.fixture
+def train_config() -> Callable[..., Any]:
+    """`train_config(epochs=3, ...)`: see tiny_train_config."""
+    return tiny_train_config

@@ -1,0 +1,200 @@
+"""The one training loop (DESIGN.md section 1), parameterised by mode.
+
+Every mode runs the same epochs: shuffle the training samples (a permutation seeded by seed and
+epoch, so a resumed run sees the same order), build each batch from the current semantic IDs with
+tensor ops, take a step, validate by constrained decoding every `eval_every` epochs, keep the best
+weights by the validation metric, stop early after `patience` validations without improvement, and
+write `last.pt` (and `best.pt` when it improved) atomically after every epoch.
+
+What differs between modes is the step: `fixed` (TIGER) updates the recommender only and the
+tokenizer stays frozen.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from bloger_cli.config import TrainBilevelConfig, TrainConfig
+from bloger_cli.evaluation import decode_ranks
+from bloger_cli.metrics import summarize
+from bloger_cli.progress import Bar
+from bloger_cli.recommender.decoding import PrefixIndex
+from bloger_cli.recommender.model import Recommender
+from bloger_cli.recommender.vocab import Vocab
+from bloger_cli.training.checkpoint import rng_state, set_rng_state
+from bloger_cli.training.data import Samples, make_batch
+
+log = logging.getLogger(__name__)
+
+VAL_K = 10  # validation metrics are @10 (DESIGN section 3)
+
+
+@dataclass
+class TrainData:
+    """What the loop trains and validates on; `codes` are the current semantic IDs (N, L')."""
+
+    train: Samples
+    valid: Samples
+    codes: Tensor
+    item_ids: Tensor  # (N,) the item id of each row of `codes` (0..N-1 after prepare)
+    vocab: Vocab
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint restores."""
+
+    model: Recommender
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    epoch: int = 0  # epochs completed
+    step: int = 0
+    best: float = -math.inf
+    best_epoch: int = 0
+    bad_evals: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
+                "best": self.best, "best_epoch": self.best_epoch, "bad_evals": self.bad_evals,
+                "history": self.history, "rng": rng_state()}
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
+        self.best, self.best_epoch = float(ckpt["best"]), int(ckpt["best_epoch"])
+        self.bad_evals, self.history = int(ckpt["bad_evals"]), list(ckpt["history"])
+        set_rng_state(ckpt["rng"])
+
+
+def lr_factor(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Linear warmup to 1, then cosine or linear decay to 0 over the remaining steps, or constant."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1.0 - progress
+
+
+def new_state(model: Recommender, cfg: TrainBilevelConfig, steps_per_epoch: int) -> TrainState:
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]  # norms: no weight decay
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.train.lr)
+    total = cfg.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.train, total))
+    return TrainState(model, optimizer, scheduler)
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> Tensor:
+    """The sample order of an epoch: a function of (seed, epoch) only, so resume replays it."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 on GPUs that support it (auto), fp32 elsewhere; a refused bf16 request is logged."""
+    if precision == "fp32":
+        return None
+    capable = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "bf16" and not capable and device.type != "cpu":
+        log.warning("bf16 is not supported on %s: training in fp32", device)
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if capable else None
+
+
+StepFn = Callable[[TrainState, "Batch"], Tensor]  # noqa: F821 (Batch from training.data)
+
+
+def fixed_step(cfg: TrainBilevelConfig, amp: torch.dtype | None, device: torch.device) -> StepFn:
+    """Mode fixed: one AdamW step of the recommender on next-token cross-entropy; tokenizer frozen."""
+
+    def step(state: TrainState, batch) -> Tensor:
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = state.model(batch.input_ids, batch.attention_mask, batch.decoder_input_ids, batch.labels).loss
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.train.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.train.clip_norm)
+        state.optimizer.step()
+        state.scheduler.step()
+        return loss.detach()
+
+    return step
+
+
+def train_epoch(state: TrainState, data: TrainData, cfg: TrainBilevelConfig, step_fn: StepFn,
+                device: torch.device, epoch: int) -> dict[str, float]:
+    """One pass over the training samples; returns the epoch's mean loss, seconds and samples/s."""
+    state.model.train()
+    order = epoch_order(cfg.seed, epoch, len(data.train)).to(device)
+    total = torch.zeros((), device=device)
+    steps = math.ceil(len(data.train) / cfg.batch_size)
+    started = time.perf_counter()
+    with Bar(steps, f"epoch {epoch}/{cfg.epochs}") as bar:
+        for i, start in enumerate(range(0, len(data.train), cfg.batch_size)):
+            batch = make_batch(data.train.select(order[start:start + cfg.batch_size]), data.codes, data.vocab)
+            loss = step_fn(state, batch)
+            total += loss
+            state.step += 1
+            if i % 20 == 0 or i == steps - 1:  # a host sync only every 20 steps
+                bar.advance(min(20, steps - bar.done) if i else 1, status=f"loss {float(loss):.4f}")
+    seconds = time.perf_counter() - started
+    return {"train_loss": float(total) / steps, "seconds": seconds, "samples_per_s": len(data.train) / seconds}
+
+
+def validate(state: TrainState, data: TrainData, index: PrefixIndex, cfg: TrainBilevelConfig,
+             device: torch.device) -> dict[str, float]:
+    """Recall@10 and NDCG@10 by constrained beam search on the validation sample (item-level)."""
+    ranks = decode_ranks(state.model, data.valid, data.codes, data.vocab, index, k=VAL_K,
+                         beam=cfg.train.val_beam, method="beam", batch_size=cfg.train.eval_batch_size,
+                         device=device, description="validating")
+    return summarize(ranks, [VAL_K])
+
+
+def fit(state: TrainState, data: TrainData, cfg: TrainBilevelConfig, step_fn: StepFn, device: torch.device,
+        save: Callable[[TrainState, bool], None]) -> TrainState:
+    """Epochs from state.epoch + 1 to cfg.epochs (or early stop); `save(state, improved)` after each."""
+    index = PrefixIndex.build(data.codes.cpu(), data.item_ids.cpu(), data.vocab.codebook_size).to(device)
+    for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        row: dict[str, Any] = {"epoch": epoch, "lr": state.scheduler.get_last_lr()[0]}
+        row.update(train_epoch(state, data, cfg, step_fn, device, epoch))
+        row["step"] = state.step
+        improved = False
+        row["val_recall_10"] = row["val_ndcg_10"] = None
+        if epoch % cfg.train.eval_every == 0 or epoch == cfg.epochs:
+            metrics = validate(state, data, index, cfg, device)
+            row["val_recall_10"], row["val_ndcg_10"] = metrics["recall@10"], metrics["ndcg@10"]
+            value = metrics[cfg.train.metric]
+            improved = value > state.best
+            if improved:
+                state.best, state.best_epoch, state.bad_evals = value, epoch, 0
+            else:
+                state.bad_evals += 1
+        state.epoch = epoch
+        state.history.append(row)
+        log.info("epoch %d: loss %.4f, val recall@10 %s ndcg@10 %s, %.1f s, %.0f samples/s", epoch,
+                 row["train_loss"], _fmt(row["val_recall_10"]), _fmt(row["val_ndcg_10"]), row["seconds"],
+                 row["samples_per_s"])
+        save(state, improved)
+        if cfg.train.patience is not None and state.bad_evals >= cfg.train.patience:
+            log.info("early stop after epoch %d: no better %s for %d validations (best %.4f at epoch %d)",
+                     epoch, cfg.train.metric, state.bad_evals, state.best, state.best_epoch)
+            break
+    return state
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

@@ -1,0 +1,145 @@
+"""`bloger train-bilevel`: sequences + semantic IDs (+ tokenizer) -> best.pt, last.pt, history.parquet,
+trained_semantic_ids.parquet and trained_tokenizer.pt.
+
+The run writes `WORKSPACE/training/last.pt` (and `best.pt`) after every epoch; `--resume` continues
+from there. Only a run that finishes replaces the workspace's artifacts, so a failed or killed run
+never damages the previous model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from bloger_cli.artifacts import SPECS, ArtifactInfo, load_torch, save_torch, write_arrow
+from bloger_cli.config import TrainBilevelConfig, config_hash
+from bloger_cli.errors import ConfigError, DataError
+from bloger_cli.progress import Steps
+from bloger_cli.recommender.model import Recommender, RecommenderConfig
+from bloger_cli.recommender.vocab import Vocab
+from bloger_cli.training.checkpoint import check_resumable, in_progress_dir, load_checkpoint, save_atomic
+from bloger_cli.training.data import Samples, load_split, read_codes
+from bloger_cli.training.loop import TrainData, TrainState, autocast_dtype, fit, fixed_step, new_state
+from bloger_cli.training.runtime import resolve_device, seed_everything
+from bloger_cli.workspace import StageContext, StageResult, Workspace, run_stage
+
+log = logging.getLogger(__name__)
+
+INPUT_KINDS = ("sequences", "semantic_ids", "tokenizer")
+
+
+def run(cfg: TrainBilevelConfig, ws: Workspace, *, force: bool = False, lock_timeout: float = 60.0,
+        resume: bool = False) -> StageResult:
+    """Train the recommender (a no-op when inputs and config are unchanged, unless forced or resuming)."""
+    infos = ws.inputs(*INPUT_KINDS)
+    inputs = {f"artifact:{kind}": info.content_hash for kind, info in infos.items()}
+    last = in_progress_dir(ws.root) / SPECS["last_checkpoint"].filename
+    if resume and not last.is_file():
+        raise ConfigError(f"nothing to resume in {ws.root}: no interrupted run ({last} does not exist)",
+                          hint="start the run without --resume")
+    return run_stage(ws, "train-bilevel", cfg, inputs, lambda ctx: _train(ctx, cfg, infos, inputs, resume),
+                     force=force or resume, lock_timeout=lock_timeout)
+
+
+def load_data(cfg: TrainBilevelConfig, infos: dict[str, ArtifactInfo]) -> tuple[TrainData, int]:
+    """Training samples, the validation sample and the semantic IDs; returns (data, tokenizer levels L)."""
+    codes, meta = read_codes(infos["semantic_ids"].path)  # (N, L')
+    sequences = infos["sequences"].path
+    train, valid = load_split(sequences, "train"), load_split(sequences, "valid")
+    for name, samples in (("training", train), ("validation", valid)):
+        largest = int(max(samples.history.max(), samples.target.max()))
+        if largest >= len(codes):
+            raise DataError(f"{sequences}: {name} item id {largest} has no semantic ID ({len(codes)} items in "
+                            f"{infos['semantic_ids'].path})", hint="re-run `bloger embed` and `bloger tokenize`")
+    if cfg.train.val_users is not None and cfg.train.val_users < len(valid):
+        pick = torch.randperm(len(valid), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.train.val_users]
+        valid = valid.select(pick.sort().values)  # a fixed sample: the same users every epoch
+    vocab = Vocab(codes.shape[1], int(meta["codebook_size"]))
+    return TrainData(train, valid, codes, torch.arange(len(codes)), vocab), int(meta["levels"])
+
+
+def _train(ctx: StageContext, cfg: TrainBilevelConfig, infos: dict[str, ArtifactInfo], inputs: dict[str, str],
+           resume: bool) -> dict[str, Any]:
+    started = time.perf_counter()
+    with Steps("train-bilevel") as steps:
+        steps.step("reading samples and semantic IDs")
+        data, soft_levels = load_data(cfg, infos)
+        device = resolve_device(cfg.device)
+        seed_everything(cfg.seed)  # before the weights are initialised
+        model_config = RecommenderConfig(levels=data.vocab.levels, codebook_size=data.vocab.codebook_size,
+                                         soft_levels=soft_levels, **cfg.model.model_dump())
+        model = Recommender(model_config).to(device)
+        steps_per_epoch = -(-len(data.train) // cfg.batch_size)
+        state = new_state(model, cfg, steps_per_epoch)
+        scratch = in_progress_dir(ctx.workspace.root)
+        cfg_hash = config_hash(cfg)
+        if resume:
+            ckpt = load_checkpoint(scratch / "last.pt")
+            check_resumable(ckpt, scratch / "last.pt", cfg_hash, cfg.model_dump(mode="json"), inputs)
+            state.load_state_dict(ckpt)
+            log.info("resuming after epoch %d (step %d)", state.epoch, state.step)
+        elif (scratch / "last.pt").is_file():
+            log.warning("starting afresh: the interrupted run in %s is discarded (use --resume to continue it)",
+                        scratch)
+        data = TrainData(Samples(*(t.to(device) for t in data.train)), data.valid, data.codes.to(device),
+                         data.item_ids, data.vocab)
+        n_params = sum(p.numel() for p in model.parameters())
+        log.info("training %s parameters on %d samples (%d steps per epoch) on %s", f"{n_params:,}",
+                 len(data.train), steps_per_epoch, device)
+        fixed = {"model_config": model_config.to_dict(), "config": cfg.model_dump(mode="json"),
+                 "config_hash": cfg_hash, "inputs": inputs, "mode": cfg.mode}
+
+        def save(state: TrainState, improved: bool) -> None:
+            ckpt = {**fixed, **state.state_dict(), "codes": data.codes.to(torch.int32).cpu()}
+            save_atomic(ckpt, scratch / "last.pt", ctx.metadata("last_checkpoint", {"mode": cfg.mode}))
+            if improved:
+                save_atomic(ckpt, scratch / "best.pt", ctx.metadata("checkpoint", {"mode": cfg.mode}))
+
+        steps.step(f"training ({cfg.mode})")
+        step_fn = fixed_step(cfg, autocast_dtype(cfg.train.precision, device), device)
+        fit(state, data, cfg, step_fn, device, save)
+        steps.step("writing artifacts")
+        _write_outputs(ctx, cfg, state, data, infos)
+        shutil.rmtree(scratch, ignore_errors=True)
+    best_row = next((r for r in state.history if r["epoch"] == state.best_epoch), {})
+    return {
+        "mode": cfg.mode, "epochs_run": state.epoch, "best_epoch": state.best_epoch, "steps": state.step,
+        "metric": cfg.train.metric, "best_value": state.best, "val_recall@10": best_row.get("val_recall_10"),
+        "val_ndcg@10": best_row.get("val_ndcg_10"), "train_samples": len(data.train),
+        "val_users": len(data.valid), "parameters": n_params, "device": str(device),
+        "seconds_per_epoch": round(float(np.mean([r["seconds"] for r in state.history])), 3),
+        "samples_per_s": round(float(np.mean([r["samples_per_s"] for r in state.history])), 1),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def _write_outputs(ctx: StageContext, cfg: TrainBilevelConfig, state: TrainState, data: TrainData,
+                   infos: dict[str, ArtifactInfo]) -> None:
+    scratch = in_progress_dir(ctx.workspace.root)
+    if not (scratch / "best.pt").is_file():  # no validation ever improved (a NaN metric): keep the last
+        last = load_checkpoint(scratch / "last.pt")
+        last.pop("metadata")
+        save_atomic(last, scratch / "best.pt", ctx.metadata("checkpoint", {"mode": cfg.mode}))
+    os.replace(scratch / "best.pt", ctx.output("checkpoint"))
+    os.replace(scratch / "last.pt", ctx.output("last_checkpoint"))
+    meta = {"mode": cfg.mode}
+    rows = [{name: row.get(name) for name in SPECS["history"].schema.names} for row in state.history]
+    write_arrow(pa.Table.from_pylist(rows, schema=SPECS["history"].schema), ctx.output("history"),
+                ctx.metadata("history", meta))
+    codes = data.codes.cpu()
+    flat = pa.array(codes.flatten().numpy().astype(np.int16))
+    ids = pa.table({"item_id": pa.array(data.item_ids.numpy().astype(np.int32)),
+                    "codes": pa.FixedSizeListArray.from_arrays(flat, codes.shape[1])})
+    source_meta = infos["semantic_ids"].meta
+    write_arrow(ids, ctx.output("trained_semantic_ids"),
+                ctx.metadata("trained_semantic_ids", {**source_meta, **meta}))
+    tokenizer = load_torch(infos["tokenizer"].path, SPECS["tokenizer"])
+    tokenizer.pop("metadata")
+    save_torch(tokenizer, ctx.output("trained_tokenizer"), ctx.metadata("trained_tokenizer", {**source_meta, **meta}))
