@@ -187,6 +187,55 @@ def tokenize(
     _stage("tokenize", run, workspace, config, options, set_, as_json, force, lock_timeout)
 
 
+@app.command("train-bilevel")
+def train_bilevel(
+    workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+    lock_timeout: LockOpt = 60.0,
+    mode: Annotated[Optional[str], typer.Option(help="fixed (tokenizer frozen, TIGER) [fixed].")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs [200].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Training samples per step [256].")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed [42].")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | mps.")] = None,
+    val_users: Annotated[Optional[int], typer.Option(
+        help="Validate on a fixed sample of this many users [all].")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run of this workspace.")] = False,
+) -> None:
+    """Train the generative recommender on the semantic IDs (model and train settings via --set model.X / train.X)."""
+    from bloger_cli.training.stage import run
+
+    options = {"mode": mode, "epochs": epochs, "batch_size": batch_size, "seed": seed, "device": device,
+               "train.val_users": val_users}
+    _stage("train-bilevel", run, workspace, config, options, set_, as_json, force, lock_timeout, resume=resume)
+
+
+@app.command()
+def evaluate(
+    workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+    lock_timeout: LockOpt = 60.0,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint to evaluate [WORKSPACE/best.pt].")] = None,
+    split: Annotated[Optional[str], typer.Option(help="test | valid [test].")] = None,
+    k: Annotated[Optional[str], typer.Option("--k", help="Cut-offs, comma-separated [1,5,10,20].")] = None,
+    beam: Annotated[Optional[int], typer.Option(help="Beam width of constrained decoding [20].")] = None,
+    decode: Annotated[Optional[str], typer.Option(help="beam | exact (score every item; small catalogs) [beam].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Users per decoding batch [256].")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | mps.")] = None,
+) -> None:
+    """Decode held-out users and report Recall@K and NDCG@K (item-level), beside a popularity baseline."""
+    from bloger_cli.evaluation import run
+
+    options = dict(checkpoint=checkpoint, split=split, k=k, beam=beam, decode=decode, batch_size=batch_size,
+                   device=device)
+    _stage("evaluate", run, workspace, config, options, set_, as_json, force, lock_timeout)
+
+
 @app.command("export-ids")
 def export_ids(
     workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
@@ -208,12 +257,14 @@ def export_ids(
 
 
 def _stage(stage: str, run, workspace: Path, config: Path | None, options: dict[str, Any], sets: list[str] | None,
-           as_json: bool, force: bool, lock_timeout: float) -> None:
+           as_json: bool, force: bool, lock_timeout: float, **extra: Any) -> None:
     """What every stage command does: resolve the config, run the library function, render."""
     cfg = resolve_config(stage, config, options, sets)
-    out = run(cfg, Workspace(workspace), force=force, lock_timeout=lock_timeout)
-    emit({"stage": stage, "run_id": out.run_id, "skipped": out.skipped, "result": out.result}, as_json,
-         RENDERERS[stage])
+    out = run(cfg, Workspace(workspace), force=force, lock_timeout=lock_timeout, **extra)
+    payload = {"stage": stage, "run_id": out.run_id, "skipped": out.skipped, "result": out.result}
+    if "metrics" in out.result:  # evaluate: `jq .metrics` gives {"recall@10": ...} directly
+        payload["metrics"] = out.result["metrics"]
+    emit(payload, as_json, RENDERERS[stage])
 
 
 @app.command()

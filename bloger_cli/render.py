@@ -45,8 +45,6 @@ def render_prepare(out: dict[str, Any]) -> None:
         err.print(f"note: {escape(note)}")
 
 
-
-
 def _skipped(out: dict[str, Any]) -> None:
     if out["skipped"]:
         err.print(f"{out['stage']} is up to date (run {out['run_id']}); use --force to redo it", soft_wrap=True)
@@ -85,7 +83,22 @@ def render_tokenize(out: dict[str, Any]) -> None:
         err.print(table)
 
 
+def render_evaluate(out: dict[str, Any]) -> None:
+    """The run's facts, then one row per cut-off K: the model's Recall/NDCG beside popularity's."""
+    render_generic(out)
+    r = out["result"]
+    table = Table(title=f"{r['split']} metrics ({r['users']:,} users, {r['items']:,} items, item-level, "
+                        f"{r['decode']} decoding)", title_justify="left")
+    for col in ("K", "recall", "ndcg", "popularity recall", "popularity ndcg"):
+        table.add_column(col, justify="right")
+    ks = [name.split("@")[1] for name in r["metrics"] if name.startswith("recall@")]
+    for k in ks:
+        table.add_row(k, *(f"{values[f'{m}@{k}']:.4f}" for values in (r["metrics"], r["popularity"])
+                           for m in ("recall", "ndcg")))
+    err.print(table)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], None]] = {
     "prepare": render_prepare, "embed": render_generic, "tokenize": render_tokenize,
-    "export-ids": render_generic,
+    "train-bilevel": render_generic, "evaluate": render_evaluate, "export-ids": render_generic,
 }

@@ -119,7 +119,8 @@ def test_status_json_and_table(cli, tiny_letter, tmp_path):
     assert out["workspace"] == str(ws)
     row, *later = out["stages"]
     assert (row["stage"], row["state"], row["reason"], row["run_id"]) == ("prepare", "done", "up to date", run_id)
-    assert [(r["stage"], r["state"]) for r in later] == [("embed", "missing"), ("tokenize", "missing")]
+    assert [(r["stage"], r["state"]) for r in later] == [
+        ("embed", "missing"), ("tokenize", "missing"), ("train-bilevel", "missing"), ("evaluate", "missing")]
     table = cli("status", "-w", ws)
     assert table.exit_code == 0 and "done" in table.stderr and table.stdout == ""
 

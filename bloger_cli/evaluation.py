@@ -1,0 +1,122 @@
+"""`bloger evaluate`: decode held-out users with a trained recommender and score the rankings item-level.
+
+The checkpoint carries the semantic IDs its model was trained on, so decoding constraints and the
+code -> item mapping always match the model (in the bi-level modes the IDs move during training).
+A popularity row (the most frequent training items, the same list for every user) is the reference.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+from torch import Tensor
+
+from bloger_cli.artifacts import SPECS, file_hash, write_arrow
+from bloger_cli.config import EvaluateConfig
+from bloger_cli.errors import ArtifactError
+from bloger_cli.metrics import MetricAccumulator, popularity_ranking, ranks, summarize
+from bloger_cli.progress import Bar
+from bloger_cli.recommender.decoding import PrefixIndex, recommend
+from bloger_cli.recommender.model import Recommender
+from bloger_cli.recommender.vocab import Vocab
+from bloger_cli.training.data import Samples, load_split, make_batch, training_items
+from bloger_cli.training.runtime import resolve_device
+from bloger_cli.workspace import StageContext, StageResult, Workspace, raw_fingerprint, run_stage
+
+log = logging.getLogger(__name__)
+
+
+def clamp_beam(beam: int, k: int, num_items: int) -> tuple[int, int]:
+    """(beam, k) that decoding can honour: a beam wider than the catalog is the catalog (logged)."""
+    if beam > num_items:
+        log.warning("beam %d is larger than the catalog (%d items): decoding with beam %d", beam, num_items,
+                    num_items)
+        beam = num_items
+    return beam, min(k, beam)
+
+
+@torch.no_grad()
+def decode_ranks(model: Recommender, samples: Samples, codes: Tensor, vocab: Vocab, index: PrefixIndex, *,
+                 k: int, beam: int, method: str, batch_size: int, device: torch.device,
+                 description: str = "decoding") -> Tensor:
+    """The 0-based rank of each sample's target in the model's top-k (metrics.MISS when absent)."""
+    was_training = model.training
+    model.eval()
+    if method == "beam":
+        beam, k = clamp_beam(beam, k, index.num_items)
+    codes = codes.to(device)
+    acc = MetricAccumulator()
+    with Bar(-(-len(samples) // batch_size), description) as bar:
+        for start in range(0, len(samples), batch_size):
+            part = samples.select(torch.arange(start, min(start + batch_size, len(samples))))
+            batch = make_batch(Samples(*(t.to(device) for t in part)), codes, vocab)
+            ranking = recommend(model, batch.input_ids, batch.attention_mask, index, k=k, beam=beam, method=method)
+            acc.update(ranking.items.cpu(), part.target)
+            bar.advance()
+    model.train(was_training)
+    return acc.rank
+
+
+def run(cfg: EvaluateConfig, ws: Workspace, *, force: bool = False, lock_timeout: float = 60.0) -> StageResult:
+    """Evaluate a checkpoint (default: the workspace's best.pt) on the test or validation users."""
+    from bloger_cli.training.checkpoint import load_checkpoint
+
+    sequences = ws.inputs("sequences")["sequences"]
+    path = Path(cfg.checkpoint) if cfg.checkpoint is not None else ws.path("checkpoint")
+    ckpt = load_checkpoint(path)
+    trained_on = ckpt["inputs"].get("artifact:sequences")
+    if trained_on != sequences.content_hash:
+        raise ArtifactError(
+            f"checkpoint {path} was trained on other sequences (recorded {trained_on}, "
+            f"{sequences.path} is {sequences.content_hash}): another workspace, or prepare was re-run",
+            hint="evaluate it in its own workspace, or re-run `bloger train-bilevel` here")
+    own = path.resolve() == ws.path("checkpoint").resolve()
+    inputs = {"artifact:sequences": sequences.content_hash,
+              **({"artifact:checkpoint": file_hash(path)} if own else {f"file:{path}": raw_fingerprint(path)})}
+    return run_stage(ws, "evaluate", cfg, inputs, lambda ctx: _evaluate(ctx, cfg, ckpt, path, sequences.path),
+                     force=force, lock_timeout=lock_timeout)
+
+
+def _evaluate(ctx: StageContext, cfg: EvaluateConfig, ckpt: dict[str, Any], path: Path,
+              sequences: Path) -> dict[str, Any]:
+    from bloger_cli.training.checkpoint import build_model
+
+    started = time.perf_counter()
+    device = resolve_device(cfg.device)
+    model = build_model(ckpt, path).to(device)
+    codes = ckpt["codes"].long()  # (N, L') the IDs the model was trained with
+    item_ids = torch.arange(len(codes))
+    vocab = model.config.vocab
+    index = PrefixIndex.build(codes, item_ids, vocab.codebook_size).to(device)
+    samples = load_split(sequences, cfg.split)
+    top = max(cfg.k)
+    decode_started = time.perf_counter()
+    rank = decode_ranks(model, samples, codes, vocab, index, k=top, beam=cfg.beam, method=cfg.decode,
+                        batch_size=cfg.batch_size, device=device, description=f"decoding {cfg.split} users")
+    decode_seconds = time.perf_counter() - decode_started
+    metrics = summarize(rank, cfg.k)
+    popular = popularity_ranking(training_items(sequences), len(codes), top)
+    popularity = summarize(ranks(popular.expand(len(samples), top), samples.target), cfg.k)
+    _write_metrics(ctx, cfg, len(samples), {"model": metrics, "popularity": popularity})
+    return {
+        "split": cfg.split, "users": len(samples), "items": len(codes), "decode": cfg.decode, "beam": cfg.beam,
+        "checkpoint": str(path), "epoch": int(ckpt["epoch"]), "device": str(device),
+        "users_per_s": round(len(samples) / decode_seconds, 1), "seconds": round(time.perf_counter() - started, 3),
+        "metrics": metrics, "popularity": popularity,
+    }
+
+
+def _write_metrics(ctx: StageContext, cfg: EvaluateConfig, n_users: int, rows: dict[str, dict[str, float]]) -> None:
+    records = []
+    for method, values in rows.items():
+        for name, value in values.items():
+            metric, k = name.split("@")
+            records.append({"run_id": ctx.run_id, "split": cfg.split, "method": method, "metric": metric,
+                            "k": int(k), "value": float(value), "n_users": n_users})
+    table = pa.Table.from_pylist(records, schema=SPECS["metrics"].schema)
+    write_arrow(table, ctx.output("metrics"), ctx.metadata("metrics", {"split": cfg.split}))
