@@ -176,6 +176,9 @@ class ModelConfig(StrictModel):
     d_kv: int = Field(64, ge=1, description="width of each attention head")
     d_ff: int = Field(1024, ge=1, description="feed-forward inner width")
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    attention_dropout: float | None = Field(
+        None, ge=0.0, lt=1.0, description="dropout of the attention weights (None: dropout, as T5). On CPU "
+        "it keeps SDPA off its fused kernel: 0 makes a training step about 1.6x faster there")
     rel_buckets: int = Field(32, ge=2, description="relative position buckets")
     rel_max_distance: int = Field(128, ge=2, description="relative distance beyond which buckets saturate")
 

@@ -52,6 +52,7 @@ class RecommenderConfig:
     d_kv: int = 64
     d_ff: int = 1024
     dropout: float = 0.1
+    attention_dropout: float | None = None  # None: `dropout` (T5 drops attention weights too)
     rel_buckets: int = 32
     rel_max_distance: int = 128
     eps: float = 1e-6
@@ -162,7 +163,8 @@ class RecommenderAttention(nn.Module):
         self.k = nn.Linear(config.d_model, inner, bias=False)
         self.v = nn.Linear(config.d_model, inner, bias=False)
         self.o = nn.Linear(inner, config.d_model, bias=False)
-        self.heads, self.d_kv, self.dropout = config.num_heads, config.d_kv, config.dropout
+        self.heads, self.d_kv = config.num_heads, config.d_kv
+        self.dropout = config.dropout if config.attention_dropout is None else config.attention_dropout
 
     def split(self, x: Tensor) -> Tensor:
         """(N, T, H*dk) -> (N, H, T, dk)."""
@@ -174,7 +176,7 @@ class RecommenderAttention(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         """q (N, H, Tq, dk), k and v (N, H, Tk, dk), mask broadcastable to (N, H, Tq, Tk) -> (N, Tq, D)."""
-        p = self.dropout if self.training else 0.0  # T5 drops attention weights too
+        p = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=1.0)  # (N, H, Tq, dk)
         return self.o(out.transpose(1, 2).flatten(2))  # (N, Tq, D)
 

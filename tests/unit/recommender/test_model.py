@@ -271,3 +271,13 @@ def test_bad_config_and_inputs_are_refused_with_both_values():
         model.decode(memory, torch.zeros(B, 3, 1, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match=r"reorder index has shape \(3, 2\), the cache holds 2 users"):
         cache.reorder(torch.zeros(3, 2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("attention_dropout, stochastic", [(0.5, True), (0.0, False)])
+def test_attention_dropout_is_separate_from_the_other_dropouts(attention_dropout, stochastic):
+    model = tiny_model(dropout=0.0, attention_dropout=attention_dropout).train()
+    batch = tiny_batch(model)
+    first, second = model(**batch).logits, model(**batch).logits
+    assert (not torch.equal(first, second)) == stochastic
+    model.eval()
+    assert torch.equal(model(**batch).logits, model(**batch).logits)
