@@ -100,3 +100,19 @@ def test_training_without_semantic_ids_names_the_stage(items64_workspace: Path, 
     with pytest.raises(ArtifactError, match="no semantic_ids artifact at .*semantic_ids.parquet") as info:
         train.run(train_config(), Workspace(items64_workspace))
     assert info.value.hint == "run `bloger tokenize` first"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "model.d_model=0"], "model.d_model"),
+    (["--set", "model.colour=blue"], "model.colour"),
+    (["--set", "train.lr=-1"], "train.lr"),
+    (["--epochs", "0"], "epochs"),
+    (["--mode", "tiger"], "mode"),
+    (["--device", "tpu"], "device"),
+])
+def test_bad_training_options_are_one_line_usage_errors(cli, tokenized_workspace: Path, args, message) -> None:
+    before = sorted(p.name for p in tokenized_workspace.iterdir())
+    result = cli("train-bilevel", "-w", tokenized_workspace, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+    assert sorted(p.name for p in tokenized_workspace.iterdir()) == before  # nothing written
