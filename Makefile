@@ -24,6 +24,8 @@ quickstart: install
 	$(BIN)/bloger prepare $(QUICK)
 	HF_HUB_OFFLINE=1 $(BIN)/bloger embed $(QUICK)
 	$(BIN)/bloger tokenize $(QUICK)
+	$(BIN)/bloger train-bilevel $(QUICK)
+	$(BIN)/bloger evaluate $(QUICK)
 	$(BIN)/bloger export-ids $(QUICK)
 	$(BIN)/bloger status --workspace bloger-work/quickstart
 

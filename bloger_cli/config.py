@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +30,20 @@ class StrictModel(BaseModel):
     """Base for every config: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _none_from_text(cls, data: Any) -> Any:
+        """TOML has no null: "none" turns an optional setting off (`--set train.clip_norm=none`)."""
+        if not isinstance(data, dict):
+            return data
+        optional = {name for name, f in cls.model_fields.items() if not f.is_required() and _allows_none(f)}
+        return {k: None if k in optional and isinstance(v, str) and v.lower() in ("none", "null") else v
+                for k, v in data.items()}
+
+
+def _allows_none(field: Any) -> bool:
+    return type(None) in typing.get_args(field.annotation) or field.annotation is type(None)
 
 
 SourceKind = Literal["letter", "amazon", "amazon2023", "movielens", "recbole", "table", "synthetic"]

@@ -229,3 +229,12 @@ def test_config_hash_tells_thresholds_apart(u, i):
     a = PrepareConfig(input=Path("x"), min_user_interactions=u, min_item_interactions=i)
     b = PrepareConfig(input=Path("x"), min_user_interactions=i, min_item_interactions=u)
     assert (config_hash(a) == config_hash(b)) == (u == i)
+
+
+def test_none_text_turns_an_optional_setting_off() -> None:
+    from bloger_cli.config import TrainBilevelConfig, TrainConfig
+
+    cfg = TrainBilevelConfig(train={"clip_norm": "none", "patience": "null"})
+    assert cfg.train.clip_norm is None and cfg.train.patience is None
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig(lr="none")  # not optional: still an error
