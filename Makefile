@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install quickstart test test-fast bench-prepare bench-tokenize clean
+.PHONY: install quickstart test test-fast bench-prepare bench-tokenize bench-train bench-decode clean
 
 install: $(VENV)/.installed
 
@@ -40,6 +40,12 @@ bench-prepare: install
 
 bench-tokenize: install
 	$(BIN)/python benchmarks/tokenize_scale.py
+
+bench-train: install
+	$(BIN)/python benchmarks/train_speed.py
+
+bench-decode: install
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/decode_speed.py
 
 clean:
 	rm -rf bloger-work .pytest_cache

@@ -1,0 +1,154 @@
+"""Training speed of our recommender vs Hugging Face T5 fed the official code's dense soft mixing.
+
+    python benchmarks/train_speed.py                      # paper model, batch 256, history 20, 4 x 256
+    python benchmarks/train_speed.py --batch 64 --steps 3 # quicker
+
+One training step = forward, next-token cross-entropy, backward, AdamW step, on random data of the
+paper's shape: 20 history items of L' = 4 tokens (80 encoder tokens), 5 decoder tokens, vocabulary
+2 + 4 x 256 = 1,026, model 4 + 4 layers, d_model 128, 6 heads, d_kv 64, d_ff 1024, dropout 0.1. Sides:
+
+- ours ids:     our model on token ids (the fixed mode's step),
+- ours mixed:   our model with soft assignments (B, H, L, K) on every input and target item: the
+                mixed representation E[hard] + (p_l @ E_l - sg[...]) per level (the bi-level modes),
+- ours mixed, attention_dropout 0: the same without dropout on the attention weights,
+- HF dense:     transformers' T5ForConditionalGeneration of the same size (our weights, via to_hf_t5)
+                fed as the official BLOGER code does: a dense (B, T, 1026) soft-assignment tensor times
+                the embedding table for the encoder and the decoder inputs (`inputs_embeds`).
+
+Each side runs in a fresh process, so peak memory (ru_maxrss) is its own; "peak MiB" is the peak RSS
+minus the RSS after the model, optimiser and data were built. Target: ours >= 3x HF's samples/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+SIDES = ("ours-ids", "ours-mixed", "ours-mixed-noattn", "hf-dense")
+LABELS = {"ours-ids": "ours, token ids", "ours-mixed": "ours, mixed representation",
+          "ours-mixed-noattn": "ours, mixed, attention_dropout 0", "hf-dense": "HF T5, dense soft mixing"}
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def child(side: str, args: argparse.Namespace) -> dict:
+    """Run `args.steps` timed steps of one side (after `args.warmup` untimed ones)."""
+    import torch
+
+    from bloger_cli.recommender.hf_port import to_hf_t5
+    from bloger_cli.recommender.model import Recommender, RecommenderConfig
+    from bloger_cli.recommender.vocab import EOS, PAD
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    levels, k, soft = args.levels, args.codebook_size, args.levels - 1  # + a disambiguation level
+    config = RecommenderConfig(levels=levels, codebook_size=k, soft_levels=soft, d_model=args.d_model,
+                               num_layers=args.layers, num_heads=args.heads, d_kv=args.d_kv, d_ff=args.d_ff,
+                               dropout=0.1, attention_dropout=0.0 if side == "ours-mixed-noattn" else None)
+    model = Recommender(config)
+    vocab, b, h = config.vocab, args.batch, args.history
+    codes = torch.randint(0, k, (b, h + 1, levels))  # history items, then the target
+    input_ids = vocab.tokens(codes[:, :h]).flatten(1)  # (B, H*L')
+    mask = torch.ones_like(input_ids, dtype=torch.bool)
+    target = vocab.tokens(codes[:, h])  # (B, L')
+    decoder_input_ids = torch.cat([torch.full((b, 1), PAD), target], dim=1)
+    labels = torch.cat([target, torch.full((b, 1), EOS)], dim=1)
+    probs = torch.softmax(torch.randn(b, h + 1, soft, k), dim=-1)  # the tokenizer's soft assignments
+
+    if side == "hf-dense":
+        net = to_hf_t5(model).train()
+        dense_in = torch.zeros(b, h, levels, vocab.size)
+        dense_dec = torch.zeros(b, levels + 1, vocab.size)
+        dense_dec[:, 0, PAD] = 1.0
+        for level in range(levels):  # one-hot on the hard token, soft probabilities on the tokenizer levels
+            blk = vocab.block(level)
+            if level < soft:
+                dense_in[:, :, level, blk] = probs[:, :h, level]
+                dense_dec[:, level + 1, blk] = probs[:, h, level]
+            else:
+                dense_in[:, :, level].scatter_(-1, input_ids.view(b, h, levels)[:, :, level:level + 1], 1.0)
+                dense_dec[:, level + 1].scatter_(-1, target[:, level:level + 1], 1.0)
+        dense_in = dense_in.flatten(1, 2)  # (B, T, V): the tensor the official code builds
+
+        def loss_fn():
+            table = net.get_input_embeddings().weight
+            return net(inputs_embeds=dense_in @ table, attention_mask=mask.long(),
+                       decoder_inputs_embeds=dense_dec @ table, labels=labels).loss
+        params = net.parameters()
+    else:
+        model.train()
+        kw = {} if side == "ours-ids" else {"input_probs": probs[:, :h], "decoder_probs": probs[:, h]}
+
+        def loss_fn():
+            return model(input_ids, mask, decoder_input_ids, labels, **kw).loss
+        params = model.parameters()
+    optimizer = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        return float(loss)
+
+    base = rss_mib()
+    for _ in range(args.warmup):
+        step()
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"side": side, "samples_per_s": args.steps * b / seconds, "step_s": seconds / args.steps,
+            "peak_mib": peak - base, "threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per side")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--history", type=int, default=20, help="history items (x L' encoder tokens)")
+    p.add_argument("--levels", type=int, default=4, help="tokens per item L' (3 tokenizer levels + 1)")
+    p.add_argument("--codebook-size", type=int, default=256)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--d-kv", type=int, default=64)
+    p.add_argument("--d-ff", type=int, default=1024)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--sides", default=",".join(SIDES))
+    p.add_argument("--side", help=argparse.SUPPRESS)  # child mode
+    args = p.parse_args()
+    if args.side:
+        print(json.dumps(child(args.side, args)))
+        return
+    argv = [a for a in sys.argv[1:] if not a.startswith("--sides")]
+    rows = []
+    for side in args.sides.split(","):
+        out = subprocess.run([sys.executable, __file__, *argv, "--side", side], capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"{side} failed:\n{out.stderr[-2000:]}")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    hf = next((r for r in rows if r["side"] == "hf-dense"), None)
+    print(f"batch {args.batch}, history {args.history} x {args.levels} tokens, vocabulary "
+          f"{2 + args.levels * args.codebook_size}, {rows[0]['threads']} threads, {args.steps} steps per side")
+    print(f"{'side':36} {'samples/s':>10} {'s/step':>8} {'peak MiB':>9} {'x HF speed':>10} {'x HF memory':>11}")
+    for r in rows:
+        speed = f"{r['samples_per_s'] / hf['samples_per_s']:.2f}" if hf else "-"
+        memory = f"{r['peak_mib'] / hf['peak_mib']:.2f}" if hf and hf["peak_mib"] > 0 else "-"
+        print(f"{LABELS[r['side']]:36} {r['samples_per_s']:10.1f} {r['step_s']:8.3f} {r['peak_mib']:9.0f} "
+              f"{speed:>10} {memory:>11}")
+
+
+if __name__ == "__main__":
+    main()
