@@ -129,3 +129,21 @@ def level_stats(codes: Tensor, groups: list[tuple[Tensor, Tensor]], codebook_siz
         })
     return rows
 
+
+
+class SemanticIDs(NamedTuple):
+    codes: Tensor  # (N, L) or (N, L+1) with the disambiguation code, int64 on the CPU
+    report: CollisionReport  # before disambiguation
+    stats: list[dict[str, Any]]  # level_stats of the L tokenizer levels
+    assignment: Assignment
+
+
+def semantic_ids(model: Tokenizer, x: Tensor, item_ids: Tensor, codebook_size: int, device: torch.device,
+                 disambiguated: bool = True) -> SemanticIDs:
+    """Every item's semantic ID from the tokenizer (tokenize, and after each bi-level tokenizer update)."""
+    assignment = assign_all(model, x, device)
+    groups = prefix_groups(assignment.codes)
+    codes = disambiguate(assignment.codes, item_ids, groups[-1], codebook_size) if disambiguated \
+        else assignment.codes
+    stats = level_stats(assignment.codes, groups, codebook_size, assignment.quantization_error)
+    return SemanticIDs(codes, collision_report(groups[-1]), stats, assignment)

@@ -24,8 +24,7 @@ from bloger_cli.errors import ArtifactError, DataError
 from bloger_cli.progress import Steps
 from bloger_cli.tokenizer.kmeans import RQKMeans, RQKMeansConfig
 from bloger_cli.tokenizer.rqvae import RQVAE, RQVAEConfig
-from bloger_cli.tokenizer.semantic_ids import (assign_all, collision_report, disambiguate, level_stats,
-                                               prefix_groups)
+from bloger_cli.tokenizer.semantic_ids import semantic_ids
 from bloger_cli.tokenizer.trainer import train_rqvae
 from bloger_cli.training.runtime import resolve_device, seed_everything
 from bloger_cli.workspace import StageContext, StageResult, Workspace, run_stage
@@ -95,15 +94,11 @@ def _tokenize(ctx: StageContext, cfg: TokenizeConfig, path: Path) -> dict[str, A
         steps.step(f"fitting {cfg.method} on {len(x):,} items")
         model, epochs_run = fit_tokenizer(cfg, x, device)
         steps.step("assigning codes")
-        assignment = assign_all(model, x, device)
-        groups = prefix_groups(assignment.codes)
-        report = collision_report(groups[-1])
-        codes = (disambiguate(assignment.codes, item_ids, groups[-1], cfg.codebook_size)
-                 if cfg.disambiguate else assignment.codes)
+        ids = semantic_ids(model, x, item_ids, cfg.codebook_size, device, cfg.disambiguate)
+        codes, report, stats, assignment = ids
         if not cfg.disambiguate and report.colliding_items:
             log.warning("%d items share their semantic ID with another item and disambiguate is off: IDs are "
                         "not one-to-one", report.colliding_items)
-        stats = level_stats(assignment.codes, groups, cfg.codebook_size, assignment.quantization_error)
         steps.step("writing artifacts")
         _write_outputs(ctx, cfg, model, item_ids, codes, stats)
     return {
