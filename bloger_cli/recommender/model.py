@@ -332,17 +332,20 @@ class Recommender(nn.Module):
     # --- embeddings -----------------------------------------------------------------------------------
 
     def _soft(self, probs: Tensor, first_level: int = 0) -> Tensor:
-        """s - sg[s] for levels first_level.. of probs (..., n, K): (..., n, D), zero in value.
+        """(p_l - sg[p_l]) @ E_l for levels first_level.. of probs (..., n, K): (..., n, D), zero in value.
 
-        s = p_l @ E_l, one einsum over the (L', K, D) view of the code rows: never a (..., V) one-hot.
-        The gradient reaches p (the tokenizer) and, as DESIGN.md's formula says, E_l as well.
+        One einsum over the (L', K, D) view of the code rows: never a (..., V) one-hot. The straight-through
+        is on the probabilities, as in the official code: p gets E_l^T dL/de, while E_l's gradient keeps
+        the value it has without probs (the hard rows only) and still depends on p in the graph, which is
+        the second-order path of the meta step. (DESIGN.md's s - sg[s] with s = p_l @ E_l would add
+        p_l^T dL/de to E_l's gradient: the recommender would train differently once probs are given.)
         """
         c = self.config
         rows = self.shared.weight[SPECIAL:SPECIAL + c.levels * c.codebook_size].view(
             c.levels, c.codebook_size, -1)  # (L', K, D)
         rows = rows[first_level:first_level + probs.shape[-2]]  # (n, K, D)
-        s = torch.einsum("...lk,lkd->...ld", probs.to(rows.dtype), rows)  # (..., n, D)
-        return s - s.detach()
+        probs = probs.to(rows.dtype)
+        return torch.einsum("...lk,lkd->...ld", probs - probs.detach(), rows)  # (..., n, D)
 
     def embed(self, tokens: Tensor, probs: Tensor | None = None) -> Tensor:
         """Item-major tokens (..., T) -> (..., T, D): E[hard] + (s - sg[s]) on the first L levels of each

@@ -281,3 +281,15 @@ def test_attention_dropout_is_separate_from_the_other_dropouts(attention_dropout
     assert (not torch.equal(first, second)) == stochastic
     model.eval()
     assert torch.equal(model(**batch).logits, model(**batch).logits)
+
+
+def test_soft_assignments_leave_the_gradient_of_every_weight_unchanged():
+    # the straight-through is on p: the recommender's own gradients are those of the hard tokens
+    model = tiny_model().eval()
+    batch = tiny_batch(model)
+    params = [p for p in model.parameters()]
+    plain = torch.autograd.grad(model(**batch).loss, params)
+    probs = (random_probs(B, ITEMS, SOFT, K, requires_grad=True), random_probs(B, SOFT, K, seed=1, requires_grad=True))
+    mixed = torch.autograd.grad(model(**batch, input_probs=probs[0], decoder_probs=probs[1]).loss, params)
+    for a, b in zip(plain, mixed):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
