@@ -148,7 +148,7 @@ class RecommenderNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x.float()
+        x = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16/fp16 up; float64 stays
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(self.weight.dtype)
 
@@ -425,8 +425,9 @@ class Recommender(nn.Module):
         return hidden, DecoderCache(tuple(self_kv), cross_kv, past + T) if use_cache else None
 
     def logits(self, hidden: Tensor) -> Tensor:
-        """(..., D) -> (..., V) float32 (also under autocast, for a stable softmax)."""
-        return self.lm_head(hidden).float()
+        """(..., D) -> (..., V) at least float32 (also under autocast, for a stable softmax)."""
+        out = self.lm_head(hidden)
+        return out.to(torch.promote_types(out.dtype, torch.float32))  # float64 models stay float64
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, decoder_input_ids: Tensor,
                 labels: Tensor | None = None, *, input_probs: Tensor | None = None,
