@@ -89,12 +89,14 @@ SPECS: dict[str, ArtifactSpec] = {
         ArtifactSpec("last_checkpoint", "last.pt", pa.schema([]), producer="train-bilevel", format="torch"),
         ArtifactSpec(
             "history", "history.parquet",
-            pa.schema([("epoch", pa.int32()), ("step", pa.int64()), ("lr", pa.float64()),
+            pa.schema([("event", pa.string()), ("epoch", pa.int32()), ("step", pa.int64()), ("lr", pa.float64()),
                        ("train_loss", pa.float64()), ("val_recall_10", pa.float64()),
                        ("val_ndcg_10", pa.float64()), ("seconds", pa.float64()),
                        ("samples_per_s", pa.float64())]),
             producer="train-bilevel",
-            extra_type=pa.float64(),  # mode-specific series (tokenizer losses, codebook statistics)
+            # event "epoch" (one per epoch) or "tokenizer_update" (bilevel: one per meta step, with the
+            # losses, codebook statistics, and per tokenizer tensor cos/NAME and surgery/NAME as 0/1)
+            extra_type=pa.float64(),
         ),
         ArtifactSpec(
             "trained_semantic_ids", "trained_semantic_ids.parquet",

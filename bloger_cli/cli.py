@@ -195,20 +195,27 @@ def train_bilevel(
     as_json: JsonOpt = False,
     force: ForceOpt = False,
     lock_timeout: LockOpt = 60.0,
-    mode: Annotated[Optional[str], typer.Option(help="fixed (tokenizer frozen, TIGER) [fixed].")] = None,
+    mode: Annotated[Optional[str], typer.Option(
+        help="fixed (tokenizer frozen, TIGER) | joint | bilevel (BLOGER) [bilevel].")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs [200].")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Training samples per step [256].")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed [42].")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | mps.")] = None,
     val_users: Annotated[Optional[int], typer.Option(
         help="Validate on a fixed sample of this many users [all].")] = None,
+    lam: Annotated[Optional[float], typer.Option("--lambda", help="Weight of the tokenizer loss [0.5].")] = None,
+    surgery: Annotated[Optional[str], typer.Option(help="pcgrad | none | official [pcgrad].")] = None,
+    updates_per_epoch: Annotated[Optional[int], typer.Option(help="Tokenizer meta steps per epoch [1].")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run of this workspace.")] = False,
 ) -> None:
-    """Train the generative recommender on the semantic IDs (model and train settings via --set model.X / train.X)."""
+    """Train the generative recommender (and, in modes joint and bilevel, the tokenizer) on the semantic IDs.
+
+    Other settings via --set model.X, train.X and bilevel.X."""
     from bloger_cli.training.stage import run
 
     options = {"mode": mode, "epochs": epochs, "batch_size": batch_size, "seed": seed, "device": device,
-               "train.val_users": val_users}
+               "train.val_users": val_users, "bilevel.lam": lam, "bilevel.surgery": surgery,
+               "bilevel.updates_per_epoch": updates_per_epoch}
     _stage("train-bilevel", run, workspace, config, options, set_, as_json, force, lock_timeout, resume=resume)
 
 

@@ -215,16 +215,38 @@ class TrainConfig(StrictModel):
     eval_batch_size: int = Field(256, ge=1, description="users per decoding batch")
 
 
+class BilevelConfig(StrictModel):
+    """`[train-bilevel.bilevel]`: the tokenizer's updates in modes joint and bilevel (DESIGN.md section 1)."""
+
+    lam: float = Field(0.5, ge=0, description="tokenizer gradient = lam * g_tok + g_rec (paper: 0.5)")
+    surgery: Literal["pcgrad", "none", "official"] = Field(
+        "pcgrad", description="pcgrad: project g_rec off g_tok when they conflict; official: the paper "
+        "code's row-normalised variant")
+    updates_per_epoch: int = Field(1, ge=1, description="bilevel: meta steps per epoch (paper: 1 to 4)")
+    tokenizer_every: int | None = Field(None, ge=1, description="bilevel: a meta step every N steps "
+                                        "(overrides updates_per_epoch)")
+    lookahead_lr: float | None = Field(None, gt=0, description="eta of theta' = theta - eta * grad "
+                                       "(None: train.lr)")
+    meta_batch: Literal["same", "next"] = Field("same", description="batch of the look-ahead loss")
+    tokenizer_lr: float = Field(1e-4, gt=0)
+    tokenizer_weight_decay: float = Field(1e-4, ge=0)
+
+
+TrainMode = Literal["fixed", "joint", "bilevel"]
+
+
 class TrainBilevelConfig(StrictModel):
     """`bloger train-bilevel`: the generative recommender (and, in bilevel modes, the tokenizer)."""
 
-    mode: Literal["fixed"] = Field("fixed", description="fixed: tokenizer frozen (TIGER)")
+    mode: TrainMode = Field("bilevel", description="fixed: tokenizer frozen (TIGER); joint: both on L_rec + "
+                            "lam * L_tok; bilevel: the meta step (BLOGER)")
     epochs: int = Field(200, ge=1)
     batch_size: int = Field(256, ge=1)
     seed: int = 42
     device: Device = "auto"
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    bilevel: BilevelConfig = Field(default_factory=BilevelConfig)
 
 
 DEFAULT_KS = (1, 5, 10, 20)

@@ -222,7 +222,7 @@ def tiny_train_config(**overrides: Any):
     from bloger_cli.config import ModelConfig, TrainBilevelConfig
 
     model = ModelConfig(d_model=16, num_layers=1, num_heads=2, d_kv=8, d_ff=32, dropout=0.0)
-    values = {"epochs": 2, "batch_size": 64, "device": "cpu", "model": model, **overrides}
+    values = {"mode": "fixed", "epochs": 2, "batch_size": 64, "device": "cpu", "model": model, **overrides}
     return TrainBilevelConfig(**values)
 
 
@@ -240,6 +240,31 @@ def tokenized_workspace_template(items64_workspace_template: Path, tmp_path_fact
     write_embeddings(root, np.random.default_rng(0).normal(size=(64, 16)))
     tokenize.run(TokenizeConfig(method="rq-kmeans", levels=2, codebook_size=16, device="cpu"), Workspace(root))
     return root
+
+
+@pytest.fixture(scope="session")
+def rqvae_workspace_template(items64_workspace_template: Path, tmp_path_factory) -> Path:
+    """The 64-item workspace tokenized by a small RQ-VAE (2 x 16 codes): modes joint and bilevel need one."""
+    import numpy as np
+
+    from bloger_cli.config import TokenizeConfig
+    from bloger_cli.tokenizer import stage as tokenize
+    from bloger_cli.workspace import Workspace
+
+    root = tmp_path_factory.mktemp("rqvae") / "ws"
+    shutil.copytree(items64_workspace_template, root)
+    write_embeddings(root, np.random.default_rng(0).normal(size=(64, 16)))
+    tokenize.run(TokenizeConfig(method="rqvae", levels=2, codebook_size=16, epochs=20, hidden=[16],
+                                code_dim=8, device="cpu"), Workspace(root))
+    return root
+
+
+@pytest.fixture
+def rqvae_workspace(rqvae_workspace_template: Path, tmp_path: Path) -> Path:
+    """A private copy of the RQ-VAE-tokenized 64-item workspace."""
+    path = tmp_path / "rqvae"
+    shutil.copytree(rqvae_workspace_template, path)
+    return path
 
 
 @pytest.fixture

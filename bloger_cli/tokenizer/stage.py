@@ -160,7 +160,11 @@ def load_tokenizer(source: Workspace | Path | str, *, input_dim: int | None = No
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any]:
-    ckpt = load_torch(path, SPECS["tokenizer"])
+    kind = "trained_tokenizer" if path.name == SPECS["trained_tokenizer"].filename else "tokenizer"
+    try:
+        ckpt = load_torch(path, SPECS[kind])
+    except ArtifactError:  # a renamed copy of the other kind (tokenize's or train-bilevel's) is fine too
+        ckpt = load_torch(path, SPECS["tokenizer" if kind == "trained_tokenizer" else "trained_tokenizer"])
     if ckpt.get("method") not in ("rqvae", "rq-kmeans") or not isinstance(ckpt.get("config"), dict) \
             or not isinstance(ckpt.get("state_dict"), dict):
         raise ArtifactError(f"{path} is not a bloger tokenizer checkpoint (method, config or weights missing)",

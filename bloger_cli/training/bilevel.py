@@ -1,15 +1,21 @@
 """The tokenizer's side of modes joint and bilevel (DESIGN.md section 1): soft assignments of a batch,
-the meta-gradient by one-step look-ahead, gradient surgery, and the refresh of every item's codes.
+the meta-gradient by one-step look-ahead, gradient surgery, and the joint loss. Pure functions, no I/O.
 
-    bilevel, every tokenizer update:
-      p = tokenizer.soft_assignments(x[items of the batch])           mixed representation inputs
-      theta' = theta - eta * grad_theta L_rec(theta, p)               graph kept (create_graph)
-      g_rec = grad_phi L_rec(theta', p)                               second order, functional_call
-      g_tok = grad_phi L_tok(x[items of the batch])
+    bilevel, every tokenizer update (phi: tokenizer, theta: recommender):
+      p = tokenizer.soft_assignments(x[distinct items of the batch])    mixed representation inputs
+      theta' = theta - eta * grad_theta L_rec(theta, p)                 graph kept (create_graph)
+      g_rec = grad_phi L_rec(theta', p)                                 second order, functional_call
+      g_tok = grad_phi L_tok(x[distinct items of the batch])
       per tokenizer tensor: g_rec <- surgery(g_rec, g_tok); grad = lam * g_tok + g_rec
 
-Nothing here keeps a graph past its return: the meta step's second-order graph is the largest object
-of the whole run, and the official code's outlives the step (13.2 GiB, then 22.9 GiB for two steps).
+The look-ahead is a plain SGD step, as in the official code. L_tok counts each distinct item of the
+batch once (the official code averages over every non-padding history and target slot, so an item
+weighs as often as it occurs). Dropout: the model and the tokenizer run in whatever mode they are in
+(the loop keeps both in train mode), so the inner and the outer forward pass draw different dropout
+masks, as two ordinary steps would; call .eval() first for a deterministic step.
+
+Nothing here keeps a graph past its return: the second-order graph is the largest object of the whole
+run, and the official code's outlives the step (13.2 GiB, then 22.9 GiB for two steps).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -27,23 +34,29 @@ SURGERY = ("pcgrad", "none", "official")
 
 
 def batch_items(batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-    """The distinct items of a batch (U,), and the index into them of each history slot (B, H) and
-    target (B,); padding slots (-1) point at any item and are masked by the caller."""
-    b, h = batch.history.shape
-    items, inverse = torch.unique(torch.cat([batch.history.clamp_min(0).flatten(), batch.target]),
-                                  return_inverse=True)
-    return items, inverse[:b * h].view(b, h), inverse[b * h:]
+    """The distinct items of a batch (U,) sorted, and the index into them of each history slot (B, H)
+    and target (B,). Padding slots (-1) are left out of the items and point at row 0: mask them."""
+    items = torch.unique(torch.cat([batch.history[batch.history >= 0], batch.target]))  # (U,)
+    history = torch.searchsorted(items, batch.history.clamp_min(0))  # (B, H)
+    return items, history, torch.searchsorted(items, batch.target)
 
 
-def mixed_probs(tokenizer: nn.Module, embeddings: Tensor, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-    """Soft assignments for the recommender's mixed representation, computed once per distinct item.
+def mixed_probs(tokenizer: nn.Module, embeddings: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+    """Soft assignments for the recommender's mixed representation, one tokenizer pass per distinct item.
 
-    embeddings (N, D) -> input_probs (B, H, L, K) (zeros at padding slots), decoder_probs (B, L, K),
-    and the batch's distinct items (U,)."""
-    items, hist, target = batch_items(batch)
+    embeddings (N, D), row = item id -> input_probs (B, H, L, K), zero at padding slots (their tokens are
+    masked PAD; zeros keep the padding out of the tokenizer's gradient), and decoder_probs (B, L, K).
+    L is the tokenizer's levels: the recommender's soft_levels, without the disambiguation level.
+    """
+    return _mixed_probs(tokenizer, embeddings, batch)[:2]
+
+
+def _mixed_probs(tokenizer: nn.Module, embeddings: Tensor, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+    """mixed_probs and the batch's distinct items (U,)."""
+    items, history, target = batch_items(batch)
     p = tokenizer.soft_assignments(embeddings[items])  # (U, L, K)
-    present = (batch.history >= 0)[..., None, None].to(p.dtype)  # (B, H, 1, 1)
-    return p[hist] * present, p[target], items
+    present = (batch.history >= 0)[..., None, None]  # (B, H, 1, 1)
+    return torch.where(present, p[history], 0.0), p[target], items  # (B, H, L, K), (B, L, K), (U,)
 
 
 def rec_loss(model: Recommender, params: dict[str, Tensor], batch: Batch, probs: tuple[Tensor, Tensor]) -> Tensor:
@@ -53,70 +66,88 @@ def rec_loss(model: Recommender, params: dict[str, Tensor], batch: Batch, probs:
 
 
 def surgery(g_rec: Tensor, g_tok: Tensor, method: str) -> tuple[Tensor, float, bool]:
-    """(g_rec', cos(g_rec, g_tok), whether g_rec was changed) for one parameter tensor.
+    """(g_rec', cos(g_rec, g_tok), fired) for one parameter tensor; fired: a projection was applied.
 
-    pcgrad: when <g_rec, g_tok> < 0, remove g_rec's component along g_tok over the flattened tensor,
-    so that <g_rec', g_tok> = 0. official: the same test, but divided by the squared norm of each row of
-    g_tok (dim -1) instead of the whole tensor's, as the paper's code does; for a matrix that is no
-    projection (it can point g_rec' along g_tok and multiply its norm). none: g_rec unchanged.
+    All methods test the conflict <g_rec, g_tok> < 0 over the whole tensor, and none fires when g_tok
+    is zero. pcgrad: g_rec - <g_rec, g_tok> / ||g_tok||^2 * g_tok, so <g_rec', g_tok> = 0.
+    official (github.com/Ten-Mao/BLOGER, run_gr_rec_blo.py, train_epoch): u = F.normalize(g_tok, dim=-1),
+    each row scaled to unit norm, and g_rec - <g_rec, u> * u. For a vector that is pcgrad; for a matrix
+    it is no projection: a 256 x 32 codebook gradient at cosine -0.7 comes back ~180 times longer and
+    nearly parallel to g_tok. none: g_rec as is (the cosine still says whether they conflict).
     """
+    if method not in SURGERY:
+        raise ValueError(f"surgery must be one of {', '.join(SURGERY)}, got {method!r}")
     dot = torch.sum(g_rec * g_tok)
-    norms = g_rec.norm() * g_tok.norm()
+    tok_norm = g_tok.norm()
+    norms = g_rec.norm() * tok_norm
     cos = float(dot / norms) if norms > 0 else 0.0
-    if method == "none" or dot >= 0 or g_tok.norm() == 0:
+    if method == "none" or dot >= 0 or tok_norm == 0:
         return g_rec, cos, False
     if method == "pcgrad":
-        return g_rec - dot / g_tok.pow(2).sum() * g_tok, cos, True
-    if method == "official":
-        rows = g_tok.pow(2).sum(dim=-1, keepdim=True).clamp_min(torch.finfo(g_tok.dtype).tiny)
-        return g_rec - dot / rows * g_tok, cos, True
-    raise ValueError(f"surgery must be one of {', '.join(SURGERY)}, got {method!r}")
+        return g_rec - dot / tok_norm.pow(2) * g_tok, cos, True
+    u = F.normalize(torch.atleast_1d(g_tok), p=2, dim=-1).view_as(g_tok)  # rows of unit norm (zero rows stay 0)
+    return g_rec - torch.sum(g_rec * u) * u, cos, True
 
 
 class MetaResult(NamedTuple):
     grads: dict[str, Tensor]  # per tokenizer parameter: lam * g_tok + g_rec' (detached)
-    cosine: dict[str, float]  # cos(g_rec, g_tok) before surgery
-    fired: dict[str, bool]  # surgery changed g_rec
+    cosine: dict[str, float]  # cos(g_rec, g_tok) before surgery (0 where either is zero)
+    fired: dict[str, bool]  # surgery projected g_rec
     inner_loss: float  # L_rec(theta, phi)
-    outer_loss: float  # L_rec(theta', phi)
-    tok_loss: float  # L_tok on the batch's items
+    outer_loss: float  # L_rec(theta', phi) on the meta batch
+    tok_loss: float  # L_tok on the batch's distinct items
 
     @property
     def conflict_fraction(self) -> float:
+        """The fraction of tokenizer tensors with <g_rec, g_tok> < 0 (whatever the surgery method)."""
         return sum(c < 0 for c in self.cosine.values()) / max(1, len(self.cosine))
+
+
+def _lookahead_gradient(model: Recommender, tokenizer: nn.Module, embeddings: Tensor, batch: Batch,
+                        meta_batch: Batch, eta: float) -> tuple[list[Tensor | None], float, float]:
+    """grad_phi L_rec(theta - eta * grad_theta L_rec(theta, phi), phi) per tokenizer tensor (None where
+    unused), and the inner and outer losses. Every graph built here is freed on return."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    with second_order():  # the first-order grads are differentiated again: SDPA's math backend only
+        probs = mixed_probs(tokenizer, embeddings, batch)
+        inner = rec_loss(model, params, batch, probs)
+        grads = torch.autograd.grad(inner, list(params.values()), create_graph=True)
+        lookahead = {name: p - eta * g for (name, p), g in zip(params.items(), grads)}
+        outer_probs = probs if meta_batch is batch else mixed_probs(tokenizer, embeddings, meta_batch)
+        outer = rec_loss(model, lookahead, meta_batch, outer_probs)
+        g_rec = torch.autograd.grad(outer, list(tokenizer.parameters()), allow_unused=True)  # no create_graph
+    return list(g_rec), float(inner.detach()), float(outer.detach())
 
 
 def meta_gradients(model: Recommender, tokenizer: nn.Module, embeddings: Tensor, batch: Batch, *, eta: float,
                    lam: float, surgery_method: str, meta_batch: Batch | None = None) -> MetaResult:
-    """The bi-level tokenizer gradient of DESIGN.md section 1 for one batch (see the module docstring)."""
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    """The bi-level tokenizer gradient of DESIGN.md section 1 for one batch (see the module docstring).
+
+    The look-ahead step is taken on `batch`, the outer loss on `meta_batch` (default: `batch`), L_tok on
+    `batch`'s distinct items. Returns detached gradients only: set them as .grad and step. Neither
+    model's .grad is touched. Tokenizer tensors L_rec does not reach (the decoder MLP) get lam * g_tok.
+    """
+    if surgery_method not in SURGERY:
+        raise ValueError(f"surgery must be one of {', '.join(SURGERY)}, got {surgery_method!r}")
+    g_rec, inner, outer = _lookahead_gradient(model, tokenizer, embeddings, batch,
+                                              batch if meta_batch is None else meta_batch, eta)
     tok = dict(tokenizer.named_parameters())
-    with second_order():
-        probs = mixed_probs(tokenizer, embeddings, batch)
-        inner = rec_loss(model, params, batch, probs[:2])
-        grads = torch.autograd.grad(inner, list(params.values()), create_graph=True)
-        lookahead = {name: p - eta * g for (name, p), g in zip(params.items(), grads)}
-        target = batch if meta_batch is None else meta_batch
-        target_probs = probs if meta_batch is None else mixed_probs(tokenizer, embeddings, meta_batch)
-        outer = rec_loss(model, lookahead, target, target_probs[:2])
-        g_rec = torch.autograd.grad(outer, list(tok.values()), allow_unused=True)
-    inner_value, outer_value = float(inner.detach()), float(outer.detach())
-    del grads, lookahead, outer, inner, probs, target_probs  # the second-order graph ends here
     tok_loss = tokenizer(embeddings[batch_items(batch)[0]]).losses.total
     g_tok = torch.autograd.grad(tok_loss, list(tok.values()), allow_unused=True)
     out, cosine, fired = {}, {}, {}
     for (name, p), rec, own in zip(tok.items(), g_rec, g_tok):
-        rec = torch.zeros_like(p) if rec is None else rec.detach()
-        own = torch.zeros_like(p) if own is None else own.detach()
+        rec = torch.zeros_like(p) if rec is None else rec
+        own = torch.zeros_like(p) if own is None else own
         rec, cosine[name], fired[name] = surgery(rec, own, surgery_method)
-        out[name] = lam * own + rec
-    return MetaResult(out, cosine, fired, inner_value, outer_value, float(tok_loss.detach()))
+        out[name] = (lam * own + rec).detach()
+    return MetaResult(out, cosine, fired, inner, outer, float(tok_loss.detach()))
 
 
 def joint_loss(model: Recommender, tokenizer: nn.Module, embeddings: Tensor, batch: Batch,
                lam: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(L_rec + lam * L_tok, L_rec, L_tok) of mode joint: both models in one graph, no look-ahead."""
-    input_probs, decoder_probs, items = mixed_probs(tokenizer, embeddings, batch)
+    """(L_rec + lam * L_tok, L_rec, L_tok) of mode joint: both models in one graph, no look-ahead; the
+    caller backpropagates the total into both."""
+    input_probs, decoder_probs, items = _mixed_probs(tokenizer, embeddings, batch)
     rec = model(batch.input_ids, batch.attention_mask, batch.decoder_input_ids, batch.labels,
                 input_probs=input_probs, decoder_probs=decoder_probs).loss
     tok = tokenizer(embeddings[items]).losses.total

@@ -7,7 +7,11 @@ weights by the validation metric, stop early after `patience` validations withou
 write `last.pt` (and `best.pt` when it improved) atomically after every epoch.
 
 What differs between modes is the step: `fixed` (TIGER) updates the recommender only and the
-tokenizer stays frozen.
+tokenizer stays frozen; `joint` updates both every step on L_rec + lam * L_tok through the mixed
+representation; `bilevel` takes the fixed step every step and, `updates_per_epoch` times an epoch (or
+every `tokenizer_every` steps), the meta step of `training/bilevel.py`. After every tokenizer update
+all items' codes are recomputed in place (`data.codes`), so the next batch, the validation's decoding
+constraints and the checkpoint follow the new tokenizer.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from bloger_cli.config import TrainBilevelConfig, TrainConfig
+from bloger_cli.training.bilevel import joint_loss, meta_gradients
+from bloger_cli.tokenizer.semantic_ids import semantic_ids
 from bloger_cli.evaluation import decode_ranks
 from bloger_cli.metrics import summarize
 from bloger_cli.progress import Bar
@@ -29,7 +35,7 @@ from bloger_cli.recommender.decoding import PrefixIndex
 from bloger_cli.recommender.model import Recommender
 from bloger_cli.recommender.vocab import Vocab
 from bloger_cli.training.checkpoint import rng_state, set_rng_state
-from bloger_cli.training.data import Samples, make_batch
+from bloger_cli.training.data import Batch, Samples, make_batch
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,7 @@ class TrainData:
     codes: Tensor
     item_ids: Tensor  # (N,) the item id of each row of `codes` (0..N-1 after prepare)
     vocab: Vocab
+    embeddings: Tensor | None = None  # (N, D) item text embeddings on the device: joint and bilevel modes
 
 
 @dataclass
@@ -59,13 +66,19 @@ class TrainState:
     best: float = -math.inf
     best_epoch: int = 0
     bad_evals: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)  # epoch rows and tokenizer-update rows
+    tokenizer: nn.Module | None = None  # trained in modes joint and bilevel
+    tokenizer_optimizer: torch.optim.Optimizer | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
-                "best": self.best, "best_epoch": self.best_epoch, "bad_evals": self.bad_evals,
-                "history": self.history, "rng": rng_state()}
+        out = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+               "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
+               "best": self.best, "best_epoch": self.best_epoch, "bad_evals": self.bad_evals,
+               "history": self.history, "rng": rng_state()}
+        if self.tokenizer is not None and self.tokenizer_optimizer is not None:
+            out["tokenizer_state"] = {k: v.detach().cpu() for k, v in self.tokenizer.state_dict().items()}
+            out["tokenizer_optimizer"] = self.tokenizer_optimizer.state_dict()
+        return out
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         self.model.load_state_dict(ckpt["model"])
@@ -74,6 +87,9 @@ class TrainState:
         self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
         self.best, self.best_epoch = float(ckpt["best"]), int(ckpt["best_epoch"])
         self.bad_evals, self.history = int(ckpt["bad_evals"]), list(ckpt["history"])
+        if self.tokenizer is not None and self.tokenizer_optimizer is not None:
+            self.tokenizer.load_state_dict(ckpt["tokenizer_state"])
+            self.tokenizer_optimizer.load_state_dict(ckpt["tokenizer_optimizer"])
         set_rng_state(ckpt["rng"])
 
 
@@ -87,14 +103,19 @@ def lr_factor(step: int, cfg: TrainConfig, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1.0 - progress
 
 
-def new_state(model: Recommender, cfg: TrainBilevelConfig, steps_per_epoch: int) -> TrainState:
+def new_state(model: Recommender, cfg: TrainBilevelConfig, steps_per_epoch: int,
+              tokenizer: nn.Module | None = None) -> TrainState:
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]  # norms: no weight decay
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.train.lr)
     total = cfg.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.train, total))
-    return TrainState(model, optimizer, scheduler)
+    if cfg.mode == "fixed" or tokenizer is None:
+        return TrainState(model, optimizer, scheduler)
+    tok_optimizer = torch.optim.AdamW(tokenizer.parameters(), lr=cfg.bilevel.tokenizer_lr,
+                                      weight_decay=cfg.bilevel.tokenizer_weight_decay)
+    return TrainState(model, optimizer, scheduler, tokenizer=tokenizer.train(), tokenizer_optimizer=tok_optimizer)
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> Tensor:
@@ -115,7 +136,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if capable else None
 
 
-StepFn = Callable[[TrainState, "Batch"], Tensor]  # noqa: F821 (Batch from training.data)
+StepFn = Callable[[TrainState, Batch], Tensor]
 
 
 def fixed_step(cfg: TrainBilevelConfig, amp: torch.dtype | None, device: torch.device) -> StepFn:
@@ -133,6 +154,103 @@ def fixed_step(cfg: TrainBilevelConfig, amp: torch.dtype | None, device: torch.d
         return loss.detach()
 
     return step
+
+
+def refresh_codes(state: TrainState, data: TrainData) -> dict[str, float]:
+    """Every item's codes from the current tokenizer, written into data.codes (same layout: the
+    disambiguation level stays when there is one); returns the codebook statistics of the update."""
+    assert state.tokenizer is not None and data.embeddings is not None
+    disambiguated = data.codes.shape[1] > state.tokenizer.quantizer.levels
+    ids = semantic_ids(state.tokenizer, data.embeddings, data.item_ids, data.vocab.codebook_size,
+                       data.embeddings.device, disambiguated)
+    state.tokenizer.train()
+    data.codes.copy_(ids.codes.to(data.codes.device))
+    first = ids.stats[0]
+    return {"collision_rate": ids.report.collision_rate, "level1_density": first["density"],
+            "level1_entropy": first["entropy_bits"]}
+
+
+def joint_step(cfg: TrainBilevelConfig, data: TrainData, amp: torch.dtype | None, device: torch.device) -> StepFn:
+    """Mode joint: recommender and tokenizer updated together on L_rec + lam * L_tok, no look-ahead."""
+
+    def step(state: TrainState, batch) -> Tensor:
+        assert state.tokenizer is not None and state.tokenizer_optimizer is not None
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss, rec, _ = joint_loss(state.model, state.tokenizer, data.embeddings, batch, cfg.bilevel.lam)
+        state.optimizer.zero_grad(set_to_none=True)
+        state.tokenizer_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.train.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.train.clip_norm)
+        state.optimizer.step()
+        state.tokenizer_optimizer.step()
+        state.scheduler.step()
+        refresh_codes(state, data)
+        return rec.detach()
+
+    return step
+
+
+def update_steps(cfg: TrainBilevelConfig, steps_per_epoch: int) -> Callable[[int], bool]:
+    """Whether the meta step follows global step `step` (0-based): every `tokenizer_every` steps, or
+    `updates_per_epoch` times spread evenly over each epoch, the last at its end."""
+    if cfg.bilevel.tokenizer_every is not None:
+        every = cfg.bilevel.tokenizer_every
+        return lambda step: (step + 1) % every == 0
+    u = min(cfg.bilevel.updates_per_epoch, steps_per_epoch)
+    due = {(j + 1) * steps_per_epoch // u - 1 for j in range(u)}
+    return lambda step: step % steps_per_epoch in due
+
+
+def bilevel_step(cfg: TrainBilevelConfig, data: TrainData, amp: torch.dtype | None, device: torch.device,
+                 steps_per_epoch: int) -> StepFn:
+    """Mode bilevel: the fixed step, then, when due, the meta step on the same (or a fresh) batch, the
+    tokenizer's AdamW step and the refresh of every item's codes; one history row per update."""
+    ordinary = fixed_step(cfg, amp, device)
+    due = update_steps(cfg, steps_per_epoch)
+    eta = cfg.bilevel.lookahead_lr or cfg.train.lr
+
+    def step(state: TrainState, batch) -> Tensor:
+        loss = ordinary(state, batch)
+        if not due(state.step):
+            return loss
+        assert state.tokenizer is not None and state.tokenizer_optimizer is not None
+        started = time.perf_counter()
+        meta_batch = None
+        if cfg.bilevel.meta_batch == "next":
+            g = torch.Generator().manual_seed(cfg.seed * 100_003 + state.step)
+            pick = torch.randint(len(data.train), (len(batch.target),), generator=g).to(data.train.target.device)
+            meta_batch = make_batch(data.train.select(pick), data.codes, data.vocab)
+        meta = meta_gradients(state.model, state.tokenizer, data.embeddings, batch, eta=eta, lam=cfg.bilevel.lam,
+                              surgery_method=cfg.bilevel.surgery, meta_batch=meta_batch)
+        state.tokenizer_optimizer.zero_grad(set_to_none=True)
+        for name, p in state.tokenizer.named_parameters():
+            p.grad = meta.grads[name]
+        state.tokenizer_optimizer.step()
+        state.model.zero_grad(set_to_none=True)  # the meta step leaves no recommender gradient behind
+        row: dict[str, Any] = {"event": "tokenizer_update", "epoch": state.epoch + 1, "step": state.step + 1,
+                               "lr": cfg.bilevel.tokenizer_lr, "inner_loss": meta.inner_loss,
+                               "outer_loss": meta.outer_loss, "tok_loss": meta.tok_loss,
+                               "conflict_fraction": meta.conflict_fraction, **refresh_codes(state, data)}
+        row.update({f"cos/{name}": value for name, value in meta.cosine.items()})
+        row.update({f"surgery/{name}": float(value) for name, value in meta.fired.items()})
+        row["seconds"] = time.perf_counter() - started
+        state.history.append(row)
+        log.debug("tokenizer update at step %d: outer loss %.4f, conflicts %.2f, collisions %.4f", state.step + 1,
+                  meta.outer_loss, meta.conflict_fraction, row["collision_rate"])
+        return loss
+
+    return step
+
+
+def make_step(cfg: TrainBilevelConfig, data: TrainData, device: torch.device, steps_per_epoch: int) -> StepFn:
+    """The step function of cfg.mode."""
+    amp = autocast_dtype(cfg.train.precision, device)
+    if cfg.mode == "joint":
+        return joint_step(cfg, data, amp, device)
+    if cfg.mode == "bilevel":
+        return bilevel_step(cfg, data, amp, device, steps_per_epoch)
+    return fixed_step(cfg, amp, device)
 
 
 def train_epoch(state: TrainState, data: TrainData, cfg: TrainBilevelConfig, step_fn: StepFn,
@@ -167,15 +285,15 @@ def validate(state: TrainState, data: TrainData, index: PrefixIndex, cfg: TrainB
 def fit(state: TrainState, data: TrainData, cfg: TrainBilevelConfig, step_fn: StepFn, device: torch.device,
         save: Callable[[TrainState, bool], None]) -> TrainState:
     """Epochs from state.epoch + 1 to cfg.epochs (or early stop); `save(state, improved)` after each."""
-    index = PrefixIndex.build(data.codes.cpu(), data.item_ids.cpu(), data.vocab.codebook_size).to(device)
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
-        row: dict[str, Any] = {"epoch": epoch, "lr": state.scheduler.get_last_lr()[0]}
+        row: dict[str, Any] = {"event": "epoch", "epoch": epoch, "lr": state.scheduler.get_last_lr()[0]}
         row.update(train_epoch(state, data, cfg, step_fn, device, epoch))
         row["step"] = state.step
         improved = False
         row["val_recall_10"] = row["val_ndcg_10"] = None
         if epoch % cfg.train.eval_every == 0 or epoch == cfg.epochs:
-            metrics = validate(state, data, index, cfg, device)
+            index = PrefixIndex.build(data.codes.cpu(), data.item_ids.cpu(), data.vocab.codebook_size).to(device)
+            metrics = validate(state, data, index, cfg, device)  # the constraints of the current codes
             row["val_recall_10"], row["val_ndcg_10"] = metrics["recall@10"], metrics["ndcg@10"]
             value = metrics[cfg.train.metric]
             improved = value > state.best

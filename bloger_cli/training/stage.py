@@ -26,19 +26,19 @@ from bloger_cli.recommender.model import Recommender, RecommenderConfig
 from bloger_cli.recommender.vocab import Vocab
 from bloger_cli.training.checkpoint import check_resumable, in_progress_dir, load_checkpoint, save_atomic
 from bloger_cli.training.data import Samples, load_split, read_codes
-from bloger_cli.training.loop import TrainData, TrainState, autocast_dtype, fit, fixed_step, new_state
+from bloger_cli.training.loop import TrainData, TrainState, fit, make_step, new_state
 from bloger_cli.training.runtime import resolve_device, seed_everything
 from bloger_cli.workspace import StageContext, StageResult, Workspace, run_stage
 
 log = logging.getLogger(__name__)
 
-INPUT_KINDS = ("sequences", "semantic_ids", "tokenizer")
+INPUT_KINDS = ("sequences", "semantic_ids", "tokenizer")  # + embeddings in modes joint and bilevel
 
 
 def run(cfg: TrainBilevelConfig, ws: Workspace, *, force: bool = False, lock_timeout: float = 60.0,
         resume: bool = False) -> StageResult:
     """Train the recommender (a no-op when inputs and config are unchanged, unless forced or resuming)."""
-    infos = ws.inputs(*INPUT_KINDS)
+    infos = ws.inputs(*INPUT_KINDS, *(("embeddings",) if cfg.mode != "fixed" else ()))
     inputs = {f"artifact:{kind}": info.content_hash for kind, info in infos.items()}
     last = in_progress_dir(ws.root) / SPECS["last_checkpoint"].filename
     if resume and not last.is_file():
@@ -65,31 +65,57 @@ def load_data(cfg: TrainBilevelConfig, infos: dict[str, ArtifactInfo]) -> tuple[
     return TrainData(train, valid, codes, torch.arange(len(codes)), vocab), int(meta["levels"])
 
 
+def load_tokenizer_side(cfg: TrainBilevelConfig, infos: dict[str, ArtifactInfo], n_items: int):
+    """Modes joint and bilevel: the trainable tokenizer and every item's embedding (N, D) by item id."""
+    from bloger_cli.tokenizer.rqvae import RQVAE
+    from bloger_cli.tokenizer.stage import embedding_dim, load_tokenizer, read_embeddings
+
+    path = infos["embeddings"].path
+    tokenizer = load_tokenizer(infos["tokenizer"].path, input_dim=embedding_dim(path))
+    if not isinstance(tokenizer, RQVAE):
+        raise ConfigError(f"--mode {cfg.mode} trains the tokenizer, but {infos['tokenizer'].path} is residual "
+                          "k-means, which has no trainable encoder",
+                          hint="re-run `bloger tokenize --method rqvae`, or train with --mode fixed")
+    item_ids, x = read_embeddings(path)
+    if len(item_ids) != n_items or int(item_ids.max()) != n_items - 1:
+        raise DataError(f"{path}: embeddings cover {len(item_ids)} items, the semantic IDs {n_items}",
+                        hint="re-run `bloger embed` and `bloger tokenize`")
+    embeddings = torch.empty_like(x)
+    embeddings[item_ids] = x
+    return tokenizer, embeddings
+
+
 def _train(ctx: StageContext, cfg: TrainBilevelConfig, infos: dict[str, ArtifactInfo], inputs: dict[str, str],
            resume: bool) -> dict[str, Any]:
     started = time.perf_counter()
     with Steps("train-bilevel") as steps:
         steps.step("reading samples and semantic IDs")
         data, soft_levels = load_data(cfg, infos)
+        tokenizer = None
+        if cfg.mode != "fixed":
+            tokenizer, embeddings = load_tokenizer_side(cfg, infos, len(data.codes))
         device = resolve_device(cfg.device)
         seed_everything(cfg.seed)  # before the weights are initialised
         model_config = RecommenderConfig(levels=data.vocab.levels, codebook_size=data.vocab.codebook_size,
                                          soft_levels=soft_levels, **cfg.model.model_dump())
         model = Recommender(model_config).to(device)
         steps_per_epoch = -(-len(data.train) // cfg.batch_size)
-        state = new_state(model, cfg, steps_per_epoch)
+        if tokenizer is not None:
+            tokenizer = tokenizer.to(device)
+        state = new_state(model, cfg, steps_per_epoch, tokenizer)
         scratch = in_progress_dir(ctx.workspace.root)
         cfg_hash = config_hash(cfg)
         if resume:
             ckpt = load_checkpoint(scratch / "last.pt")
             check_resumable(ckpt, scratch / "last.pt", cfg_hash, cfg.model_dump(mode="json"), inputs)
             state.load_state_dict(ckpt)
+            data.codes = ckpt["codes"].long()  # the IDs of the tokenizer as it was (bilevel and joint change them)
             log.info("resuming after epoch %d (step %d)", state.epoch, state.step)
         elif (scratch / "last.pt").is_file():
             log.warning("starting afresh: the interrupted run in %s is discarded (use --resume to continue it)",
                         scratch)
         data = TrainData(Samples(*(t.to(device) for t in data.train)), data.valid, data.codes.to(device),
-                         data.item_ids, data.vocab)
+                         data.item_ids, data.vocab, None if tokenizer is None else embeddings.to(device))
         n_params = sum(p.numel() for p in model.parameters())
         log.info("training %s parameters on %d samples (%d steps per epoch) on %s", f"{n_params:,}",
                  len(data.train), steps_per_epoch, device)
@@ -103,20 +129,26 @@ def _train(ctx: StageContext, cfg: TrainBilevelConfig, infos: dict[str, Artifact
                 save_atomic(ckpt, scratch / "best.pt", ctx.metadata("checkpoint", {"mode": cfg.mode}))
 
         steps.step(f"training ({cfg.mode})")
-        step_fn = fixed_step(cfg, autocast_dtype(cfg.train.precision, device), device)
-        fit(state, data, cfg, step_fn, device, save)
+        fit(state, data, cfg, make_step(cfg, data, device, steps_per_epoch), device, save)
         steps.step("writing artifacts")
         _write_outputs(ctx, cfg, state, data, infos)
         shutil.rmtree(scratch, ignore_errors=True)
-    best_row = next((r for r in state.history if r["epoch"] == state.best_epoch), {})
+    epochs = [r for r in state.history if r.get("event", "epoch") == "epoch"]
+    updates = [r for r in state.history if r.get("event") == "tokenizer_update"]
+    best_row = next((r for r in epochs if r["epoch"] == state.best_epoch), {})
+    tokenizer_side = {} if cfg.mode == "fixed" else {
+        "tokenizer_updates": len(updates) if cfg.mode == "bilevel" else state.step,
+        **({k: updates[-1][k] for k in ("collision_rate", "level1_density", "level1_entropy", "conflict_fraction")}
+           if updates else {}),
+    }
     return {
         "mode": cfg.mode, "epochs_run": state.epoch, "best_epoch": state.best_epoch, "steps": state.step,
         "metric": cfg.train.metric, "best_value": state.best, "val_recall@10": best_row.get("val_recall_10"),
         "val_ndcg@10": best_row.get("val_ndcg_10"), "train_samples": len(data.train),
         "val_users": len(data.valid), "parameters": n_params, "device": str(device),
-        "seconds_per_epoch": round(float(np.mean([r["seconds"] for r in state.history])), 3),
-        "samples_per_s": round(float(np.mean([r["samples_per_s"] for r in state.history])), 1),
-        "seconds": round(time.perf_counter() - started, 3),
+        "seconds_per_epoch": round(float(np.mean([r["seconds"] for r in epochs])), 3),
+        "samples_per_s": round(float(np.mean([r["samples_per_s"] for r in epochs])), 1),
+        **tokenizer_side, "seconds": round(time.perf_counter() - started, 3),
     }
 
 
@@ -130,10 +162,13 @@ def _write_outputs(ctx: StageContext, cfg: TrainBilevelConfig, state: TrainState
     os.replace(scratch / "best.pt", ctx.output("checkpoint"))
     os.replace(scratch / "last.pt", ctx.output("last_checkpoint"))
     meta = {"mode": cfg.mode}
-    rows = [{name: row.get(name) for name in SPECS["history"].schema.names} for row in state.history]
-    write_arrow(pa.Table.from_pylist(rows, schema=SPECS["history"].schema), ctx.output("history"),
-                ctx.metadata("history", meta))
-    codes = data.codes.cpu()
+    base = SPECS["history"].schema
+    extras = sorted({key for row in state.history for key in row} - set(base.names))
+    schema = pa.schema([*base, *[(name, pa.float64()) for name in extras]])
+    rows = [{name: row.get(name) for name in schema.names} for row in state.history]
+    write_arrow(pa.Table.from_pylist(rows, schema=schema), ctx.output("history"), ctx.metadata("history", meta))
+    best = load_checkpoint(ctx.output("checkpoint"))  # the IDs and tokenizer the best model decodes with
+    codes = best["codes"].long()
     flat = pa.array(codes.flatten().numpy().astype(np.int16))
     ids = pa.table({"item_id": pa.array(data.item_ids.numpy().astype(np.int32)),
                     "codes": pa.FixedSizeListArray.from_arrays(flat, codes.shape[1])})
@@ -142,4 +177,6 @@ def _write_outputs(ctx: StageContext, cfg: TrainBilevelConfig, state: TrainState
                 ctx.metadata("trained_semantic_ids", {**source_meta, **meta}))
     tokenizer = load_torch(infos["tokenizer"].path, SPECS["tokenizer"])
     tokenizer.pop("metadata")
+    if "tokenizer_state" in best:  # joint and bilevel: the trained tokenizer, in tokenize's format
+        tokenizer["state_dict"] = best["tokenizer_state"]
     save_torch(tokenizer, ctx.output("trained_tokenizer"), ctx.metadata("trained_tokenizer", {**source_meta, **meta}))
