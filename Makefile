@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install quickstart test test-fast bench-prepare bench-tokenize bench-train bench-decode clean
+.PHONY: install quickstart test test-fast bench-prepare bench-tokenize bench-train bench-decode bench-bilevel bench clean
 
 install: $(VENV)/.installed
 
@@ -46,6 +46,11 @@ bench-train: install
 
 bench-decode: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/decode_speed.py
+
+bench-bilevel: install
+	$(BIN)/python benchmarks/bilevel_overhead.py
+
+bench: bench-train bench-decode bench-bilevel
 
 clean:
 	rm -rf bloger-work .pytest_cache

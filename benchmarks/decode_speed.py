@@ -2,6 +2,7 @@
 
     python benchmarks/decode_speed.py                          # random model, 12,101-item catalog
     python benchmarks/decode_speed.py --workspace bloger-work/ml-100k   # a trained model, its test users
+    python benchmarks/decode_speed.py --device cuda            # on a GPU (the trie stays in Python)
 
 Both sides decode the same users with the same weights (ours copied into T5ForConditionalGeneration by
 `to_hf_t5`) and the same beam width (20), returning the top 10 items:
@@ -59,15 +60,23 @@ def workspace_setup(args: argparse.Namespace):
     return model, codes, batch.input_ids, batch.attention_mask, samples.target
 
 
+def elapsed(started: float, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
 def ours(model, codes, input_ids, mask, args) -> tuple[torch.Tensor, float]:
-    index = PrefixIndex.build(codes, torch.arange(len(codes)), model.config.codebook_size)
+    device = input_ids.device
+    index = PrefixIndex.build(codes, torch.arange(len(codes)), model.config.codebook_size).to(device)
     recommend(model, input_ids[:2], mask[:2], index, k=args.k, beam=args.beam)  # warm up
     started, out = time.perf_counter(), []
     with torch.inference_mode():
         for s in range(0, len(input_ids), args.batch):
             out.append(recommend(model, input_ids[s:s + args.batch], mask[s:s + args.batch], index, k=args.k,
                                  beam=args.beam).items)
-    return torch.cat(out), time.perf_counter() - started
+    seconds = elapsed(started, device)
+    return torch.cat(out).cpu(), seconds
 
 
 def hf(model, codes, input_ids, mask, args) -> tuple[torch.Tensor, float]:
@@ -89,12 +98,13 @@ def hf(model, codes, input_ids, mask, args) -> tuple[torch.Tensor, float]:
     started, rows = time.perf_counter(), []
     with torch.inference_mode():
         for s in range(0, n, args.hf_batch):
-            seqs = net.generate(input_ids=input_ids[s:s + args.hf_batch], attention_mask=mask[s:s + args.hf_batch].long(),
+            users = slice(s, s + args.hf_batch)
+            seqs = net.generate(input_ids=input_ids[users], attention_mask=mask[users].long(),
                                 num_beams=args.beam, num_return_sequences=args.k, max_new_tokens=vocab.levels + 1,
                                 prefix_allowed_tokens_fn=allowed, do_sample=False, early_stopping=True)
             for seq in seqs.view(-1, args.k, seqs.shape[-1]).tolist():
                 rows.append([item_of.get(tuple(t[1:1 + vocab.levels]), -1) for t in seq])
-    return torch.tensor(rows), time.perf_counter() - started
+    return torch.tensor(rows), elapsed(started, input_ids.device)
 
 
 def main() -> None:
@@ -108,16 +118,19 @@ def main() -> None:
     p.add_argument("--beam", type=int, default=20)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     model, codes, input_ids, mask, target = (workspace_setup if args.workspace else random_setup)(args)
+    device = torch.device(args.device)
+    model, input_ids, mask = model.to(device).eval(), input_ids.to(device), mask.to(device)
     mine, mine_s = ours(model, codes, input_ids, mask, args)
     theirs, theirs_s = hf(model, codes, input_ids, mask, args)
     n = len(theirs)
     overlap = sum(len(set(a) & set(b)) for a, b in zip(mine[:n].tolist(), theirs.tolist())) / (n * args.k)
     ours_rate, hf_rate = len(mine) / mine_s, n / theirs_s
-    print(f"{len(codes):,} items, beam {args.beam}, top {args.k}, {torch.get_num_threads()} threads, "
+    print(f"{len(codes):,} items, beam {args.beam}, top {args.k}, {args.device}, {torch.get_num_threads()} threads, "
           f"{'trained model: ' + args.workspace if args.workspace else 'random paper-sized model'}")
     print(f"ours: {len(mine)} users in {mine_s:.2f} s = {ours_rate:.1f} users/s")
     print(f"HF:   {n} users in {theirs_s:.2f} s = {hf_rate:.2f} users/s")

@@ -2,12 +2,14 @@
 
     python benchmarks/train_speed.py                      # paper model, batch 256, history 20, 4 x 256
     python benchmarks/train_speed.py --batch 64 --steps 3 # quicker
+    python benchmarks/train_speed.py --device cuda        # on a GPU (peak memory: CUDA allocator's)
 
 One training step = forward, next-token cross-entropy, backward, AdamW step, on random data of the
 paper's shape: 20 history items of L' = 4 tokens (80 encoder tokens), 5 decoder tokens, vocabulary
 2 + 4 x 256 = 1,026, model 4 + 4 layers, d_model 128, 6 heads, d_kv 64, d_ff 1024, dropout 0.1. Sides:
 
-- ours ids:     our model on token ids (the fixed mode's step),
+- ours ids:     our model on token ids (the fixed mode's step), with our default attention dropout
+                (= dropout, as HF T5) and with attention_dropout 0,
 - ours mixed:   our model with soft assignments (B, H, L, K) on every input and target item: the
                 mixed representation E[hard] + (p_l @ E_l - sg[...]) per level (the bi-level modes),
 - ours mixed, attention_dropout 0: the same without dropout on the attention weights,
@@ -16,7 +18,9 @@ paper's shape: 20 history items of L' = 4 tokens (80 encoder tokens), 5 decoder 
                 the embedding table for the encoder and the decoder inputs (`inputs_embeds`).
 
 Each side runs in a fresh process, so peak memory (ru_maxrss) is its own; "peak MiB" is the peak RSS
-minus the RSS after the model, optimiser and data were built. Target: ours >= 3x HF's samples/s.
+minus the RSS after the model, optimiser and data were built (with --device cuda: the CUDA allocator's
+peak minus what was allocated then). On a shared CPU, time is noisy: torch's threads spin against
+another process's, so compare sides of one run and try --threads 1. Target: ours >= 3x HF's samples/s.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ import subprocess
 import sys
 import time
 
-SIDES = ("ours-ids", "ours-mixed", "ours-mixed-noattn", "hf-dense")
-LABELS = {"ours-ids": "ours, token ids", "ours-mixed": "ours, mixed representation",
+SIDES = ("ours-ids", "ours-ids-noattn", "ours-mixed", "ours-mixed-noattn", "hf-dense")
+LABELS = {"ours-ids": "ours, token ids", "ours-ids-noattn": "ours, token ids, attention_dropout 0",
+          "ours-mixed": "ours, mixed representation",
           "ours-mixed-noattn": "ours, mixed, attention_dropout 0", "hf-dense": "HF T5, dense soft mixing"}
 
 
@@ -53,7 +58,11 @@ def child(side: str, args: argparse.Namespace) -> dict:
     levels, k, soft = args.levels, args.codebook_size, args.levels - 1  # + a disambiguation level
     config = RecommenderConfig(levels=levels, codebook_size=k, soft_levels=soft, d_model=args.d_model,
                                num_layers=args.layers, num_heads=args.heads, d_kv=args.d_kv, d_ff=args.d_ff,
-                               dropout=0.1, attention_dropout=0.0 if side == "ours-mixed-noattn" else None)
+                               dropout=0.1, attention_dropout=0.0 if side.endswith("-noattn") else None)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda:  # build the model and data there; reset before timing (the default-device mode costs per op)
+        torch.set_default_device(device)
     model = Recommender(config)
     vocab, b, h = config.vocab, args.batch, args.history
     codes = torch.randint(0, k, (b, h + 1, levels))  # history items, then the target
@@ -86,7 +95,7 @@ def child(side: str, args: argparse.Namespace) -> dict:
         params = net.parameters()
     else:
         model.train()
-        kw = {} if side == "ours-ids" else {"input_probs": probs[:, :h], "decoder_probs": probs[:, h]}
+        kw = {} if side.startswith("ours-ids") else {"input_probs": probs[:, :h], "decoder_probs": probs[:, h]}
 
         def loss_fn():
             return model(input_ids, mask, decoder_input_ids, labels, **kw).loss
@@ -100,14 +109,20 @@ def child(side: str, args: argparse.Namespace) -> dict:
         optimizer.step()
         return float(loss)
 
-    base = rss_mib()
+    if cuda:
+        torch.set_default_device(None)
+        torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device) / 2**20 if cuda else rss_mib()
     for _ in range(args.warmup):
         step()
     started = time.perf_counter()
     for _ in range(args.steps):
-        step()
+        step()  # float(loss) waits for the GPU, so the clock sees every step's work
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"side": side, "samples_per_s": args.steps * b / seconds, "step_s": seconds / args.steps,
             "peak_mib": peak - base, "threads": torch.get_num_threads()}
 
@@ -126,22 +141,29 @@ def main() -> None:
     p.add_argument("--d-kv", type=int, default=64)
     p.add_argument("--d-ff", type=int, default=1024)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--sides", default=",".join(SIDES))
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, of {', '.join(SIDES)}")
     p.add_argument("--side", help=argparse.SUPPRESS)  # child mode
     args = p.parse_args()
     if args.side:
         print(json.dumps(child(args.side, args)))
         return
-    argv = [a for a in sys.argv[1:] if not a.startswith("--sides")]
+    unknown = set(args.sides.split(",")) - set(SIDES)
+    if unknown:
+        p.error(f"unknown sides {sorted(unknown)}; choose from {', '.join(SIDES)}")
+    options = {k: v for k, v in vars(args).items() if k not in ("sides", "side")}
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]  # the child gets the resolved options
     rows = []
     for side in args.sides.split(","):
+        print(f"... {side}", file=sys.stderr, flush=True)
         out = subprocess.run([sys.executable, __file__, *argv, "--side", side], capture_output=True, text=True)
         if out.returncode != 0:
             sys.exit(f"{side} failed:\n{out.stderr[-2000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     hf = next((r for r in rows if r["side"] == "hf-dense"), None)
     print(f"batch {args.batch}, history {args.history} x {args.levels} tokens, vocabulary "
-          f"{2 + args.levels * args.codebook_size}, {rows[0]['threads']} threads, {args.steps} steps per side")
+          f"{2 + args.levels * args.codebook_size}, {args.device}, {rows[0]['threads']} threads, "
+          f"{args.steps} steps per side; load average {os.getloadavg()[0]:.1f} at the end")
     print(f"{'side':36} {'samples/s':>10} {'s/step':>8} {'peak MiB':>9} {'x HF speed':>10} {'x HF memory':>11}")
     for r in rows:
         speed = f"{r['samples_per_s'] / hf['samples_per_s']:.2f}" if hf else "-"
