@@ -119,18 +119,90 @@ def _lookahead_gradient(model: Recommender, tokenizer: nn.Module, embeddings: Te
     return list(g_rec), float(inner.detach()), float(outer.detach())
 
 
+def _chunks(batch: Batch, size: int) -> list[tuple[Batch, float]]:
+    """Slices of at most `size` samples, each with its share of the batch's label tokens: the batch's
+    mean loss is the sum of the slices' mean losses times these weights."""
+    total = int((batch.labels != -100).sum())
+    parts = [Batch(*(t[start:start + size] for t in batch)) for start in range(0, len(batch.target), size)]
+    return [(part, int((part.labels != -100).sum()) / total) for part in parts]  # exact: not a float32 ratio
+
+
+def _rng_state() -> tuple[Tensor, Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+
+
+def _set_rng_state(state: tuple[Tensor, Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1])
+
+
+def _lookahead_gradient_chunked(model: Recommender, tokenizer: nn.Module, embeddings: Tensor, batch: Batch,
+                                meta_batch: Batch, eta: float, chunk: int) -> tuple[list[Tensor | None], float, float]:
+    """The same gradient with the second-order graph of only `chunk` samples alive at a time.
+
+    d/dphi L_out(theta'(phi), phi) = dL_out/dphi at theta' - eta * d/dphi [grad_theta L_in(theta, phi) . v],
+    v = grad_theta' L_out: (1) grad_theta L_in by slices, first order; (2) v and the direct term at the
+    fixed theta', by slices, first order; (3) the Hessian-vector term by slices, second order. Each
+    slice of (3) replays the dropout masks its slice drew in (1).
+    """
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    values, tok = list(params.values()), list(tokenizer.parameters())
+    inner_grad = [torch.zeros_like(v) for v in values]
+    inner_value, states = 0.0, []
+    for part, w in _chunks(batch, chunk):  # (1)
+        states.append(_rng_state())
+        loss = rec_loss(model, params, part, mixed_probs(tokenizer, embeddings, part))
+        for acc, g in zip(inner_grad, torch.autograd.grad(loss, values)):
+            acc.add_(g, alpha=w)
+        inner_value += w * float(loss.detach())
+    lookahead = {name: (p - eta * g).detach().requires_grad_() for (name, p), g in zip(params.items(), inner_grad)}
+    v = [torch.zeros_like(p) for p in values]
+    g_rec: list[Tensor | None] = [None] * len(tok)
+    outer_value = 0.0
+    for part, w in _chunks(meta_batch, chunk):  # (2)
+        loss = rec_loss(model, lookahead, part, mixed_probs(tokenizer, embeddings, part))
+        grads = torch.autograd.grad(loss, list(lookahead.values()) + tok, allow_unused=True)
+        for acc, g in zip(v, grads[:len(v)]):
+            acc.add_(g, alpha=w)
+        g_rec = [_add(acc, g, w) for acc, g in zip(g_rec, grads[len(v):])]
+        outer_value += w * float(loss.detach())
+    end = _rng_state()
+    with second_order():
+        for (part, w), state in zip(_chunks(batch, chunk), states):  # (3)
+            _set_rng_state(state)
+            loss = rec_loss(model, params, part, mixed_probs(tokenizer, embeddings, part))
+            grads = torch.autograd.grad(loss, values, create_graph=True)
+            dot = sum(torch.sum(g * u) for g, u in zip(grads, v))
+            hvp = torch.autograd.grad(dot, tok, allow_unused=True)
+            g_rec = [_add(acc, g, -eta * w) for acc, g in zip(g_rec, hvp)]
+    _set_rng_state(end)  # as if (3) drew nothing
+    return g_rec, inner_value, outer_value
+
+
+def _add(acc: Tensor | None, g: Tensor | None, weight: float) -> Tensor | None:
+    if g is None:
+        return acc
+    return weight * g if acc is None else acc.add_(g, alpha=weight)
+
+
 def meta_gradients(model: Recommender, tokenizer: nn.Module, embeddings: Tensor, batch: Batch, *, eta: float,
-                   lam: float, surgery_method: str, meta_batch: Batch | None = None) -> MetaResult:
+                   lam: float, surgery_method: str, meta_batch: Batch | None = None,
+                   chunk: int | None = None) -> MetaResult:
     """The bi-level tokenizer gradient of DESIGN.md section 1 for one batch (see the module docstring).
 
     The look-ahead step is taken on `batch`, the outer loss on `meta_batch` (default: `batch`), L_tok on
-    `batch`'s distinct items. Returns detached gradients only: set them as .grad and step. Neither
+    `batch`'s distinct items. `chunk`: at most this many samples in the second-order graph at a time
+    (same result up to float rounding; None: the whole batch at once). Returns detached gradients only: set them as .grad and step. Neither
     model's .grad is touched. Tokenizer tensors L_rec does not reach (the decoder MLP) get lam * g_tok.
     """
     if surgery_method not in SURGERY:
         raise ValueError(f"surgery must be one of {', '.join(SURGERY)}, got {surgery_method!r}")
-    g_rec, inner, outer = _lookahead_gradient(model, tokenizer, embeddings, batch,
-                                              batch if meta_batch is None else meta_batch, eta)
+    target = batch if meta_batch is None else meta_batch
+    if chunk is None or chunk >= max(len(batch.target), len(target.target)):
+        g_rec, inner, outer = _lookahead_gradient(model, tokenizer, embeddings, batch, target, eta)
+    else:  # the same gradient, a fraction of the memory (benchmarks/bilevel_overhead.py)
+        g_rec, inner, outer = _lookahead_gradient_chunked(model, tokenizer, embeddings, batch, target, eta, chunk)
     tok = dict(tokenizer.named_parameters())
     tok_loss = tokenizer(embeddings[batch_items(batch)[0]]).losses.total
     g_tok = torch.autograd.grad(tok_loss, list(tok.values()), allow_unused=True)

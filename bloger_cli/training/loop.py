@@ -164,10 +164,12 @@ def refresh_codes(state: TrainState, data: TrainData) -> dict[str, float]:
     ids = semantic_ids(state.tokenizer, data.embeddings, data.item_ids, data.vocab.codebook_size,
                        data.embeddings.device, disambiguated)
     state.tokenizer.train()
-    data.codes.copy_(ids.codes.to(data.codes.device))
+    new = ids.codes.to(data.codes.device)
+    changed = float((new != data.codes).any(dim=1).float().mean())
+    data.codes.copy_(new)
     first = ids.stats[0]
     return {"collision_rate": ids.report.collision_rate, "level1_density": first["density"],
-            "level1_entropy": first["entropy_bits"]}
+            "level1_entropy": first["entropy_bits"], "ids_changed": changed}
 
 
 def joint_step(cfg: TrainBilevelConfig, data: TrainData, amp: torch.dtype | None, device: torch.device) -> StepFn:
@@ -222,7 +224,7 @@ def bilevel_step(cfg: TrainBilevelConfig, data: TrainData, amp: torch.dtype | No
             pick = torch.randint(len(data.train), (len(batch.target),), generator=g).to(data.train.target.device)
             meta_batch = make_batch(data.train.select(pick), data.codes, data.vocab)
         meta = meta_gradients(state.model, state.tokenizer, data.embeddings, batch, eta=eta, lam=cfg.bilevel.lam,
-                              surgery_method=cfg.bilevel.surgery, meta_batch=meta_batch)
+                              surgery_method=cfg.bilevel.surgery, meta_batch=meta_batch, chunk=cfg.bilevel.meta_chunk)
         state.tokenizer_optimizer.zero_grad(set_to_none=True)
         for name, p in state.tokenizer.named_parameters():
             p.grad = meta.grads[name]

@@ -218,6 +218,21 @@ def test_meta_gradient_equals_a_plain_autograd_reference(same_batch):
     assert all(not meta.fired[n] and meta.cosine[n] == 0.0 for n in meta.grads if n.startswith("decoder."))
 
 
+@pytest.mark.parametrize("chunk", [1, 3])
+@pytest.mark.parametrize("same_batch", [True, False])
+def test_chunked_meta_gradient_equals_the_whole_batch_one(chunk, same_batch):
+    # the Hessian-vector form by slices is the same gradient with a fraction of the second-order graph
+    tokenizer, model, x, batch, codes = setup(torch.float64)
+    meta_batch = None if same_batch else other_batch(codes)
+    whole = meta_gradients(model, tokenizer, x, batch, eta=0.3, lam=0.7, surgery_method="none", meta_batch=meta_batch)
+    sliced = meta_gradients(model, tokenizer, x, batch, eta=0.3, lam=0.7, surgery_method="none",
+                            meta_batch=meta_batch, chunk=chunk)
+    for name in whole.grads:
+        torch.testing.assert_close(sliced.grads[name], whole.grads[name], rtol=1e-9, atol=1e-12)
+    assert sliced.inner_loss == pytest.approx(whole.inner_loss) and sliced.outer_loss == pytest.approx(whole.outer_loss)
+    assert all(p.grad is None for p in list(model.parameters()) + list(tokenizer.parameters()))
+
+
 def test_meta_gradient_applies_surgery_per_tensor():
     tokenizer, model, x, batch, _ = setup(torch.float64)
     args = dict(eta=0.5, lam=0.5)

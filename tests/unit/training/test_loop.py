@@ -66,3 +66,18 @@ def test_two_steps_give_the_pinned_losses() -> None:
     # optimiser changed: check it is intended, then re-pin
     assert two_steps() == pytest.approx([7.5798874, 8.5797348], rel=1e-4)
     assert two_steps() == two_steps()  # and the same seed gives the same losses, bit for bit
+
+
+@pytest.mark.parametrize("bilevel, expected", [
+    ({"updates_per_epoch": 1}, [9, 19]),
+    ({"updates_per_epoch": 2}, [4, 9, 14, 19]),
+    ({"updates_per_epoch": 4}, [1, 4, 6, 9, 11, 14, 16, 19]),
+    ({"updates_per_epoch": 50}, list(range(20))),  # at most one per step
+    ({"tokenizer_every": 3}, [2, 5, 8, 11, 14, 17]),
+])
+def test_meta_steps_are_spread_over_each_epoch(bilevel, expected) -> None:
+    from bloger_cli.config import TrainBilevelConfig
+    from bloger_cli.training.loop import update_steps
+
+    due = update_steps(TrainBilevelConfig(bilevel=bilevel), steps_per_epoch=10)
+    assert [step for step in range(20) if due(step)] == expected
