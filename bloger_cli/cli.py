@@ -7,6 +7,7 @@ renders the result: a rich table on stderr, or one JSON object on stdout with --
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -86,6 +87,7 @@ def main_options(
 ) -> None:
     """Stages: prepare -> embed -> tokenize -> train-bilevel -> evaluate -> export-ids."""
     _state["debug"] = debug
+    quiet = quiet or int(os.environ.get("RANK", "0")) > 0  # under torchrun, rank 0 alone speaks
     progress.set_quiet(quiet)
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING
     root = logging.getLogger("bloger_cli")
@@ -268,6 +270,8 @@ def _stage(stage: str, run, workspace: Path, config: Path | None, options: dict[
     """What every stage command does: resolve the config, run the library function, render."""
     cfg = resolve_config(stage, config, options, sets)
     out = run(cfg, Workspace(workspace), force=force, lock_timeout=lock_timeout, **extra)
+    if not out.run_id:  # a torchrun process other than rank 0: rank 0 reports
+        return
     payload = {"stage": stage, "run_id": out.run_id, "skipped": out.skipped, "result": out.result}
     if "metrics" in out.result:  # evaluate: `jq .metrics` gives {"recall@10": ...} directly
         payload["metrics"] = out.result["metrics"]

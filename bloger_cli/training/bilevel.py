@@ -20,7 +20,7 @@ run, and the official code's outlives the step (13.2 GiB, then 22.9 GiB for two 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +31,18 @@ from bloger_cli.recommender.model import Recommender, second_order
 from bloger_cli.training.data import Batch
 
 SURGERY = ("pcgrad", "none", "official")
+Reduce = Callable[[list[Tensor]], None]  # sums tensors over data-parallel processes, in place
+
+
+def distinct_items(history: Tensor, target: Tensor) -> Tensor:
+    """The distinct items (U,), sorted, of histories (B, H; -1 = padding) and targets (B,)."""
+    return torch.unique(torch.cat([history[history >= 0], target]))
 
 
 def batch_items(batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
     """The distinct items of a batch (U,) sorted, and the index into them of each history slot (B, H)
     and target (B,). Padding slots (-1) are left out of the items and point at row 0: mask them."""
-    items = torch.unique(torch.cat([batch.history[batch.history >= 0], batch.target]))  # (U,)
+    items = distinct_items(batch.history, batch.target)  # (U,)
     history = torch.searchsorted(items, batch.history.clamp_min(0))  # (B, H)
     return items, history, torch.searchsorted(items, batch.target)
 
@@ -119,12 +125,12 @@ def _lookahead_gradient(model: Recommender, tokenizer: nn.Module, embeddings: Te
     return list(g_rec), float(inner.detach()), float(outer.detach())
 
 
-def _chunks(batch: Batch, size: int) -> list[tuple[Batch, float]]:
-    """Slices of at most `size` samples, each with its share of the batch's label tokens: the batch's
-    mean loss is the sum of the slices' mean losses times these weights."""
+def _chunks(batch: Batch, size: int, share: float = 1.0) -> list[tuple[Batch, float]]:
+    """Slices of at most `size` samples, each with its share of the batch's label tokens (times `share`):
+    the batch's mean loss is the sum of the slices' mean losses times these weights."""
     total = int((batch.labels != -100).sum())
     parts = [Batch(*(t[start:start + size] for t in batch)) for start in range(0, len(batch.target), size)]
-    return [(part, int((part.labels != -100).sum()) / total) for part in parts]  # exact: not a float32 ratio
+    return [(part, share * int((part.labels != -100).sum()) / total) for part in parts]  # not a float32 ratio
 
 
 def _rng_state() -> tuple[Tensor, Tensor | None]:
@@ -138,38 +144,46 @@ def _set_rng_state(state: tuple[Tensor, Tensor | None]) -> None:
 
 
 def _lookahead_gradient_chunked(model: Recommender, tokenizer: nn.Module, embeddings: Tensor, batch: Batch,
-                                meta_batch: Batch, eta: float, chunk: int) -> tuple[list[Tensor | None], float, float]:
+                                meta_batch: Batch, eta: float, chunk: int, share: float = 1.0,
+                                reduce: Reduce | None = None) -> tuple[list[Tensor | None], float, float]:
     """The same gradient with the second-order graph of only `chunk` samples alive at a time.
 
     d/dphi L_out(theta'(phi), phi) = dL_out/dphi at theta' - eta * d/dphi [grad_theta L_in(theta, phi) . v],
     v = grad_theta' L_out: (1) grad_theta L_in by slices, first order; (2) v and the direct term at the
     fixed theta', by slices, first order; (3) the Hessian-vector term by slices, second order. Each
     slice of (3) replays the dropout masks its slice drew in (1).
+
+    Data-parallel: this process holds `share` of the global batch; `reduce` sums over the processes
+    the inner gradient (so theta' is the global look-ahead), v, and the tokenizer gradient.
     """
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     values, tok = list(params.values()), list(tokenizer.parameters())
     inner_grad = [torch.zeros_like(v) for v in values]
-    inner_value, states = 0.0, []
-    for part, w in _chunks(batch, chunk):  # (1)
+    losses = torch.zeros(2, dtype=values[0].dtype, device=values[0].device)  # inner, outer
+    states = []
+    for part, w in _chunks(batch, chunk, share):  # (1)
         states.append(_rng_state())
         loss = rec_loss(model, params, part, mixed_probs(tokenizer, embeddings, part))
         for acc, g in zip(inner_grad, torch.autograd.grad(loss, values)):
             acc.add_(g, alpha=w)
-        inner_value += w * float(loss.detach())
+        losses[0] += w * loss.detach()
+    if reduce is not None:
+        reduce(inner_grad)
     lookahead = {name: (p - eta * g).detach().requires_grad_() for (name, p), g in zip(params.items(), inner_grad)}
     v = [torch.zeros_like(p) for p in values]
     g_rec: list[Tensor | None] = [None] * len(tok)
-    outer_value = 0.0
-    for part, w in _chunks(meta_batch, chunk):  # (2)
+    for part, w in _chunks(meta_batch, chunk, share):  # (2)
         loss = rec_loss(model, lookahead, part, mixed_probs(tokenizer, embeddings, part))
         grads = torch.autograd.grad(loss, list(lookahead.values()) + tok, allow_unused=True)
         for acc, g in zip(v, grads[:len(v)]):
             acc.add_(g, alpha=w)
         g_rec = [_add(acc, g, w) for acc, g in zip(g_rec, grads[len(v):])]
-        outer_value += w * float(loss.detach())
+        losses[1] += w * loss.detach()
+    if reduce is not None:
+        reduce(v)
     end = _rng_state()
     with second_order():
-        for (part, w), state in zip(_chunks(batch, chunk), states):  # (3)
+        for (part, w), state in zip(_chunks(batch, chunk, share), states):  # (3)
             _set_rng_state(state)
             loss = rec_loss(model, params, part, mixed_probs(tokenizer, embeddings, part))
             grads = torch.autograd.grad(loss, values, create_graph=True)
@@ -177,7 +191,10 @@ def _lookahead_gradient_chunked(model: Recommender, tokenizer: nn.Module, embedd
             hvp = torch.autograd.grad(dot, tok, allow_unused=True)
             g_rec = [_add(acc, g, -eta * w) for acc, g in zip(g_rec, hvp)]
     _set_rng_state(end)  # as if (3) drew nothing
-    return g_rec, inner_value, outer_value
+    if reduce is not None:  # every process reaches the same tokenizer tensors
+        g_rec = [torch.zeros_like(p) if g is None else g for g, p in zip(g_rec, tok)]
+        reduce([*g_rec, losses])
+    return g_rec, float(losses[0]), float(losses[1])
 
 
 def _add(acc: Tensor | None, g: Tensor | None, weight: float) -> Tensor | None:
@@ -187,24 +204,32 @@ def _add(acc: Tensor | None, g: Tensor | None, weight: float) -> Tensor | None:
 
 
 def meta_gradients(model: Recommender, tokenizer: nn.Module, embeddings: Tensor, batch: Batch, *, eta: float,
-                   lam: float, surgery_method: str, meta_batch: Batch | None = None,
-                   chunk: int | None = None) -> MetaResult:
+                   lam: float, surgery_method: str, meta_batch: Batch | None = None, chunk: int | None = None,
+                   share: float = 1.0, reduce: Reduce | None = None, tok_items: Tensor | None = None) -> MetaResult:
     """The bi-level tokenizer gradient of DESIGN.md section 1 for one batch (see the module docstring).
 
     The look-ahead step is taken on `batch`, the outer loss on `meta_batch` (default: `batch`), L_tok on
     `batch`'s distinct items. `chunk`: at most this many samples in the second-order graph at a time
-    (same result up to float rounding; None: the whole batch at once). Returns detached gradients only: set them as .grad and step. Neither
-    model's .grad is touched. Tokenizer tensors L_rec does not reach (the decoder MLP) get lam * g_tok.
+    (same result up to float rounding; None: the whole batch at once). Returns detached gradients only:
+    set them as .grad and step. Neither model's .grad is touched. Tokenizer tensors L_rec does not reach
+    (the decoder MLP) get lam * g_tok.
+
+    Data-parallel (training/distributed.py): `batch` and `meta_batch` are this process's slices, `share`
+    its share of the global batch, `reduce` sums tensors over the processes in place, and `tok_items`
+    are the global batch's distinct items; every process returns the same gradients.
     """
     if surgery_method not in SURGERY:
         raise ValueError(f"surgery must be one of {', '.join(SURGERY)}, got {surgery_method!r}")
     target = batch if meta_batch is None else meta_batch
-    if chunk is None or chunk >= max(len(batch.target), len(target.target)):
+    whole = max(len(batch.target), len(target.target))
+    if reduce is None and (chunk is None or chunk >= whole):
         g_rec, inner, outer = _lookahead_gradient(model, tokenizer, embeddings, batch, target, eta)
     else:  # the same gradient, a fraction of the memory (benchmarks/bilevel_overhead.py)
-        g_rec, inner, outer = _lookahead_gradient_chunked(model, tokenizer, embeddings, batch, target, eta, chunk)
+        g_rec, inner, outer = _lookahead_gradient_chunked(model, tokenizer, embeddings, batch, target, eta,
+                                                          chunk or whole, share, reduce)
     tok = dict(tokenizer.named_parameters())
-    tok_loss = tokenizer(embeddings[batch_items(batch)[0]]).losses.total
+    items = batch_items(batch)[0] if tok_items is None else tok_items
+    tok_loss = tokenizer(embeddings[items]).losses.total
     g_tok = torch.autograd.grad(tok_loss, list(tok.values()), allow_unused=True)
     out, cosine, fired = {}, {}, {}
     for (name, p), rec, own in zip(tok.items(), g_rec, g_tok):
@@ -215,12 +240,13 @@ def meta_gradients(model: Recommender, tokenizer: nn.Module, embeddings: Tensor,
     return MetaResult(out, cosine, fired, inner, outer, float(tok_loss.detach()))
 
 
-def joint_loss(model: Recommender, tokenizer: nn.Module, embeddings: Tensor, batch: Batch,
-               lam: float) -> tuple[Tensor, Tensor, Tensor]:
+def joint_loss(model: nn.Module, tokenizer: nn.Module, embeddings: Tensor, batch: Batch,
+               lam: float, tok_items: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(L_rec + lam * L_tok, L_rec, L_tok) of mode joint: both models in one graph, no look-ahead; the
-    caller backpropagates the total into both."""
+    caller backpropagates the total into both. `model`: the recommender or its DDP wrapper; `tok_items`:
+    the items of L_tok (default: the batch's distinct items)."""
     input_probs, decoder_probs, items = _mixed_probs(tokenizer, embeddings, batch)
     rec = model(batch.input_ids, batch.attention_mask, batch.decoder_input_ids, batch.labels,
                 input_probs=input_probs, decoder_probs=decoder_probs).loss
-    tok = tokenizer(embeddings[items]).losses.total
+    tok = tokenizer(embeddings[items if tok_items is None else tok_items]).losses.total
     return rec + lam * tok, rec, tok

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from bloger_cli.config import TrainBilevelConfig, TrainConfig
-from bloger_cli.training.bilevel import joint_loss, meta_gradients
+from bloger_cli.training.bilevel import distinct_items, joint_loss, meta_gradients
 from bloger_cli.tokenizer.semantic_ids import semantic_ids
 from bloger_cli.evaluation import decode_ranks
 from bloger_cli.metrics import summarize
@@ -36,6 +36,7 @@ from bloger_cli.recommender.model import Recommender
 from bloger_cli.recommender.vocab import Vocab
 from bloger_cli.training.checkpoint import rng_state, set_rng_state
 from bloger_cli.training.data import Batch, Samples, make_batch
+from bloger_cli.training.distributed import Distributed, Part
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,12 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)  # epoch rows and tokenizer-update rows
     tokenizer: nn.Module | None = None  # trained in modes joint and bilevel
     tokenizer_optimizer: torch.optim.Optimizer | None = None
+    dist: Distributed = field(default_factory=Distributed)  # under torchrun: this process's rank
+    net: nn.Module | None = None  # the DDP wrapper of `model` the ordinary step runs (None: one process)
+
+    @property
+    def forward(self) -> nn.Module:
+        return self.model if self.net is None else self.net
 
     def state_dict(self) -> dict[str, Any]:
         out = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -136,17 +143,17 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if capable else None
 
 
-StepFn = Callable[[TrainState, Batch], Tensor]
+StepFn = Callable[[TrainState, Batch, Part], Tensor]  # -> this process's mean loss on its slice
 
 
 def fixed_step(cfg: TrainBilevelConfig, amp: torch.dtype | None, device: torch.device) -> StepFn:
     """Mode fixed: one AdamW step of the recommender on next-token cross-entropy; tokenizer frozen."""
 
-    def step(state: TrainState, batch) -> Tensor:
+    def step(state: TrainState, batch: Batch, part: Part = Part()) -> Tensor:
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = state.model(batch.input_ids, batch.attention_mask, batch.decoder_input_ids, batch.labels).loss
+            loss = state.forward(batch.input_ids, batch.attention_mask, batch.decoder_input_ids, batch.labels).loss
         state.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * (part.share * state.dist.world)).backward()  # DDP averages: sum_r share_r * grad_r
         if cfg.train.clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.train.clip_norm)
         state.optimizer.step()
@@ -175,13 +182,18 @@ def refresh_codes(state: TrainState, data: TrainData) -> dict[str, float]:
 def joint_step(cfg: TrainBilevelConfig, data: TrainData, amp: torch.dtype | None, device: torch.device) -> StepFn:
     """Mode joint: recommender and tokenizer updated together on L_rec + lam * L_tok, no look-ahead."""
 
-    def step(state: TrainState, batch) -> Tensor:
+    def step(state: TrainState, batch: Batch, part: Part = Part()) -> Tensor:
         assert state.tokenizer is not None and state.tokenizer_optimizer is not None
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss, rec, _ = joint_loss(state.model, state.tokenizer, data.embeddings, batch, cfg.bilevel.lam)
+            loss, rec, _ = joint_loss(state.forward, state.tokenizer, data.embeddings, batch, cfg.bilevel.lam,
+                                      part.items)
         state.optimizer.zero_grad(set_to_none=True)
         state.tokenizer_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * (part.share * state.dist.world)).backward()
+        if state.dist.enabled:  # DDP averaged the recommender's gradients; the tokenizer's by hand
+            grads = [p.grad for p in state.tokenizer.parameters() if p.grad is not None]
+            state.dist.sum_(grads)
+            torch._foreach_div_(grads, state.dist.world)
         if cfg.train.clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.train.clip_norm)
         state.optimizer.step()
@@ -212,19 +224,21 @@ def bilevel_step(cfg: TrainBilevelConfig, data: TrainData, amp: torch.dtype | No
     due = update_steps(cfg, steps_per_epoch)
     eta = cfg.bilevel.lookahead_lr or cfg.train.lr
 
-    def step(state: TrainState, batch) -> Tensor:
-        loss = ordinary(state, batch)
+    def step(state: TrainState, batch: Batch, part: Part = Part()) -> Tensor:
+        loss = ordinary(state, batch, part)
         if not due(state.step):
             return loss
         assert state.tokenizer is not None and state.tokenizer_optimizer is not None
         started = time.perf_counter()
         meta_batch = None
-        if cfg.bilevel.meta_batch == "next":
+        if cfg.bilevel.meta_batch == "next":  # a fresh global batch of batch_size samples, sliced like any
             g = torch.Generator().manual_seed(cfg.seed * 100_003 + state.step)
-            pick = torch.randint(len(data.train), (len(batch.target),), generator=g).to(data.train.target.device)
-            meta_batch = make_batch(data.train.select(pick), data.codes, data.vocab)
+            pick = torch.randint(len(data.train), (cfg.batch_size,), generator=g).to(data.train.target.device)
+            meta_batch = make_batch(data.train.select(state.dist.shard(pick)[0]), data.codes, data.vocab)
+        reduce = state.dist.sum_ if state.dist.enabled else None
         meta = meta_gradients(state.model, state.tokenizer, data.embeddings, batch, eta=eta, lam=cfg.bilevel.lam,
-                              surgery_method=cfg.bilevel.surgery, meta_batch=meta_batch, chunk=cfg.bilevel.meta_chunk)
+                              surgery_method=cfg.bilevel.surgery, meta_batch=meta_batch, chunk=cfg.bilevel.meta_chunk,
+                              share=part.share, reduce=reduce, tok_items=part.items)
         state.tokenizer_optimizer.zero_grad(set_to_none=True)
         for name, p in state.tokenizer.named_parameters():
             p.grad = meta.grads[name]
@@ -263,25 +277,33 @@ def train_epoch(state: TrainState, data: TrainData, cfg: TrainBilevelConfig, ste
     total = torch.zeros((), device=device)
     steps = math.ceil(len(data.train) / cfg.batch_size)
     started = time.perf_counter()
+    dist = state.dist
     with Bar(steps, f"epoch {epoch}/{cfg.epochs}") as bar:
         for i, start in enumerate(range(0, len(data.train), cfg.batch_size)):
-            batch = make_batch(data.train.select(order[start:start + cfg.batch_size]), data.codes, data.vocab)
-            loss = step_fn(state, batch)
-            total += loss
+            index = order[start:start + cfg.batch_size]  # the global batch; this process takes its slice
+            local, share = dist.shard(index)
+            part = Part(share, distinct_items(data.train.history[index], data.train.target[index])
+                        if dist.enabled and cfg.mode != "fixed" else None)
+            loss = step_fn(state, make_batch(data.train.select(local), data.codes, data.vocab), part)
+            total += loss * share
             state.step += 1
             if i % 20 == 0 or i == steps - 1:  # a host sync only every 20 steps
                 bar.advance(min(20, steps - bar.done) if i else 1, status=f"loss {float(loss):.4f}")
+    dist.sum_([total])
     seconds = time.perf_counter() - started
     return {"train_loss": float(total) / steps, "seconds": seconds, "samples_per_s": len(data.train) / seconds}
 
 
 def validate(state: TrainState, data: TrainData, index: PrefixIndex, cfg: TrainBilevelConfig,
              device: torch.device) -> dict[str, float]:
-    """Recall@10 and NDCG@10 by constrained beam search on the validation sample (item-level)."""
-    ranks = decode_ranks(state.model, data.valid, data.codes, data.vocab, index, k=VAL_K,
+    """Recall@10 and NDCG@10 by constrained beam search on the validation sample (item-level); under
+    torchrun each process decodes a slice of the users and every process gets the whole sample's metrics."""
+    dist = state.dist
+    users = torch.tensor_split(torch.arange(len(data.valid)), dist.world)[dist.rank]
+    ranks = decode_ranks(state.model, data.valid.select(users), data.codes, data.vocab, index, k=VAL_K,
                          beam=cfg.train.val_beam, method="beam", batch_size=cfg.train.eval_batch_size,
                          device=device, description="validating")
-    return summarize(ranks, [VAL_K])
+    return summarize(dist.gather(ranks), [VAL_K])
 
 
 def fit(state: TrainState, data: TrainData, cfg: TrainBilevelConfig, step_fn: StepFn, device: torch.device,

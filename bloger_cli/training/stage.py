@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ from bloger_cli.recommender.model import Recommender, RecommenderConfig
 from bloger_cli.recommender.vocab import Vocab
 from bloger_cli.training.checkpoint import check_resumable, in_progress_dir, load_checkpoint, save_atomic
 from bloger_cli.training.data import Samples, load_split, read_codes
+from bloger_cli.training.distributed import Distributed
 from bloger_cli.training.loop import TrainData, TrainState, fit, make_step, new_state
 from bloger_cli.training.runtime import resolve_device, seed_everything
 from bloger_cli.workspace import StageContext, StageResult, Workspace, run_stage
@@ -37,15 +39,39 @@ INPUT_KINDS = ("sequences", "semantic_ids", "tokenizer")  # + embeddings in mode
 
 def run(cfg: TrainBilevelConfig, ws: Workspace, *, force: bool = False, lock_timeout: float = 60.0,
         resume: bool = False) -> StageResult:
-    """Train the recommender (a no-op when inputs and config are unchanged, unless forced or resuming)."""
-    infos = ws.inputs(*INPUT_KINDS, *(("embeddings",) if cfg.mode != "fixed" else ()))
-    inputs = {f"artifact:{kind}": info.content_hash for kind, info in infos.items()}
-    last = in_progress_dir(ws.root) / SPECS["last_checkpoint"].filename
-    if resume and not last.is_file():
-        raise ConfigError(f"nothing to resume in {ws.root}: no interrupted run ({last} does not exist)",
-                          hint="start the run without --resume")
-    return run_stage(ws, "train-bilevel", cfg, inputs, lambda ctx: _train(ctx, cfg, infos, inputs, resume),
-                     force=force or resume, lock_timeout=lock_timeout)
+    """Train the recommender (a no-op when inputs and config are unchanged, unless forced or resuming).
+
+    Under torchrun, rank 0 runs the stage as one process would (lock, catalog, every file written) and
+    tells the other ranks whether it trains; they read the same inputs and train beside it."""
+    dist = Distributed.from_env()
+    if not dist.main:
+        infos, inputs = dist.broadcast(None)
+        if not dist.broadcast(None):  # rank 0 found the stage up to date, or failed before training
+            return StageResult("train-bilevel", "", True, {})
+        return StageResult("train-bilevel", "", False, _train(None, cfg, infos, inputs, resume, dist, ws.root))
+    training = False
+
+    def body(ctx: StageContext) -> dict[str, Any]:
+        nonlocal training
+        training = dist.broadcast(True)
+        return _train(ctx, cfg, infos, inputs, resume, dist, ws.root)
+
+    try:
+        infos = ws.inputs(*INPUT_KINDS, *(("embeddings",) if cfg.mode != "fixed" else ()))
+        inputs = {f"artifact:{kind}": info.content_hash for kind, info in infos.items()}
+    except BaseException:
+        dist.broadcast((None, None))
+        raise
+    dist.broadcast((infos, inputs))  # the other ranks never open the catalog
+    try:
+        last = in_progress_dir(ws.root) / SPECS["last_checkpoint"].filename
+        if resume and not last.is_file():
+            raise ConfigError(f"nothing to resume in {ws.root}: no interrupted run ({last} does not exist)",
+                              hint="start the run without --resume")
+        return run_stage(ws, "train-bilevel", cfg, inputs, body, force=force or resume, lock_timeout=lock_timeout)
+    finally:
+        if not training:
+            dist.broadcast(False)
 
 
 def load_data(cfg: TrainBilevelConfig, infos: dict[str, ArtifactInfo]) -> tuple[TrainData, int]:
@@ -85,8 +111,9 @@ def load_tokenizer_side(cfg: TrainBilevelConfig, infos: dict[str, ArtifactInfo],
     return tokenizer, embeddings
 
 
-def _train(ctx: StageContext, cfg: TrainBilevelConfig, infos: dict[str, ArtifactInfo], inputs: dict[str, str],
-           resume: bool) -> dict[str, Any]:
+def _train(ctx: StageContext | None, cfg: TrainBilevelConfig, infos: dict[str, ArtifactInfo],
+           inputs: dict[str, str], resume: bool, dist: Distributed, root: Path) -> dict[str, Any]:
+    """The training itself; ctx is None on the ranks other than 0 of a torchrun, which write nothing."""
     started = time.perf_counter()
     with Steps("train-bilevel") as steps:
         steps.step("reading samples and semantic IDs")
@@ -94,7 +121,7 @@ def _train(ctx: StageContext, cfg: TrainBilevelConfig, infos: dict[str, Artifact
         tokenizer = None
         if cfg.mode != "fixed":
             tokenizer, embeddings = load_tokenizer_side(cfg, infos, len(data.codes))
-        device = resolve_device(cfg.device)
+        device = dist.device(resolve_device(cfg.device))
         seed_everything(cfg.seed)  # before the weights are initialised
         model_config = RecommenderConfig(levels=data.vocab.levels, codebook_size=data.vocab.codebook_size,
                                          soft_levels=soft_levels, **cfg.model.model_dump())
@@ -103,7 +130,8 @@ def _train(ctx: StageContext, cfg: TrainBilevelConfig, infos: dict[str, Artifact
         if tokenizer is not None:
             tokenizer = tokenizer.to(device)
         state = new_state(model, cfg, steps_per_epoch, tokenizer)
-        scratch = in_progress_dir(ctx.workspace.root)
+        state.dist, state.net = dist, dist.wrap(model)
+        scratch = in_progress_dir(root)
         cfg_hash = config_hash(cfg)
         if resume:
             ckpt = load_checkpoint(scratch / "last.pt")
@@ -111,18 +139,21 @@ def _train(ctx: StageContext, cfg: TrainBilevelConfig, infos: dict[str, Artifact
             state.load_state_dict(ckpt)
             data.codes = ckpt["codes"].long()  # the IDs of the tokenizer as it was (bilevel and joint change them)
             log.info("resuming after epoch %d (step %d)", state.epoch, state.step)
-        elif (scratch / "last.pt").is_file():
+        elif (scratch / "last.pt").is_file() and dist.main:
             log.warning("starting afresh: the interrupted run in %s is discarded (use --resume to continue it)",
                         scratch)
         data = TrainData(Samples(*(t.to(device) for t in data.train)), data.valid, data.codes.to(device),
                          data.item_ids, data.vocab, None if tokenizer is None else embeddings.to(device))
         n_params = sum(p.numel() for p in model.parameters())
-        log.info("training %s parameters on %d samples (%d steps per epoch) on %s", f"{n_params:,}",
-                 len(data.train), steps_per_epoch, device)
+        log.info("training %s parameters on %d samples (%d steps per epoch) on %s%s", f"{n_params:,}",
+                 len(data.train), steps_per_epoch, device,
+                 f" and {dist.world - 1} more processes" if dist.enabled else "")
         fixed = {"model_config": model_config.to_dict(), "config": cfg.model_dump(mode="json"),
                  "config_hash": cfg_hash, "inputs": inputs, "mode": cfg.mode}
 
         def save(state: TrainState, improved: bool) -> None:
+            if ctx is None:
+                return
             ckpt = {**fixed, **state.state_dict(), "codes": data.codes.to(torch.int32).cpu()}
             save_atomic(ckpt, scratch / "last.pt", ctx.metadata("last_checkpoint", {"mode": cfg.mode}))
             if improved:
@@ -130,9 +161,10 @@ def _train(ctx: StageContext, cfg: TrainBilevelConfig, infos: dict[str, Artifact
 
         steps.step(f"training ({cfg.mode})")
         fit(state, data, cfg, make_step(cfg, data, device, steps_per_epoch), device, save)
-        steps.step("writing artifacts")
-        _write_outputs(ctx, cfg, state, data, infos)
-        shutil.rmtree(scratch, ignore_errors=True)
+        if ctx is not None:
+            steps.step("writing artifacts")
+            _write_outputs(ctx, cfg, state, data, infos)
+            shutil.rmtree(scratch, ignore_errors=True)
     epochs = [r for r in state.history if r.get("event", "epoch") == "epoch"]
     updates = [r for r in state.history if r.get("event") == "tokenizer_update"]
     best_row = next((r for r in epochs if r["epoch"] == state.best_epoch), {})
