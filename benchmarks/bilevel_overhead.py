@@ -90,7 +90,7 @@ def main() -> None:
     p.add_argument("--items", type=int, default=12_101)
     p.add_argument("--steps-per-epoch", type=int, default=600, help="Beauty at batch 256: ~600")
     p.add_argument("--timed-steps", type=int, default=3)
-    p.add_argument("--chunk", type=int, default=64, help="bilevel.meta_chunk (0: the whole batch at once)")
+    p.add_argument("--chunk", type=int, default=32, help="bilevel.meta_chunk (0: the whole batch at once)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--kind", help=argparse.SUPPRESS)  # child mode
     args = p.parse_args()

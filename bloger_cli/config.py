@@ -228,7 +228,7 @@ class BilevelConfig(StrictModel):
     lookahead_lr: float | None = Field(None, gt=0, description="eta of theta' = theta - eta * grad "
                                        "(None: train.lr)")
     meta_batch: Literal["same", "next"] = Field("same", description="batch of the look-ahead loss")
-    meta_chunk: int | None = Field(64, ge=1, description="samples in the meta step's second-order graph at "
+    meta_chunk: int | None = Field(32, ge=1, description="samples in the meta step's second-order graph at "
                                    "a time (same gradient, less memory; None: the whole batch)")
     tokenizer_lr: float = Field(1e-4, gt=0)
     tokenizer_weight_decay: float = Field(1e-4, ge=0)
