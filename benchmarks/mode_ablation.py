@@ -12,6 +12,7 @@ section of --config with mode, seed and epochs overridden, then `evaluate` on th
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import time
@@ -37,6 +38,7 @@ def main() -> None:
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int)
+    p.add_argument("--json", help="also write every (mode, seed) row to this JSON file")
     args = p.parse_args()
 
     import torch
@@ -70,6 +72,8 @@ def main() -> None:
             print(f"{mode} seed {42 + seed}: recall@10 {metrics['recall@10']:.4f} ndcg@10 {metrics['ndcg@10']:.4f} "
                   f"level-1 density {first['density']:.3f} entropy {first['entropy_bits']:.3f} "
                   f"({result['seconds_per_epoch']:.1f} s/epoch)", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
     density, entropy = level1(source / "codebook_stats.parquet")
     print(f"\nbefore training (tokenize): level-1 density {density:.3f}, entropy {entropy:.3f} bits")
     print(f"{'mode':14} {'recall@10':>17} {'ndcg@10':>17} {'density':>8} {'entropy':>8} {'s/epoch':>8}")
