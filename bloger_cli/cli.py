@@ -15,6 +15,8 @@ import typer
 from pydantic import ValidationError
 from rich.logging import RichHandler
 from rich.markup import escape
+from rich import box
+from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
@@ -298,6 +300,47 @@ def status(workspace: WorkspaceOpt = DEFAULT_WORKSPACE, as_json: JsonOpt = False
         err.print(table)
 
     emit({"workspace": str(workspace), "stages": rows}, as_json, render)
+
+
+@app.command()
+def runs(
+    workspace: Annotated[Optional[list[Path]], typer.Option(
+        "--workspace", "-w", envvar="BLOGER_WORKSPACE",
+        help="Workspace to list (repeatable: several side by side).")] = None,
+    stage: Annotated[Optional[str], typer.Option(help="Only this stage's runs.")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="Only runs of this mode: fixed, joint or bilevel.")] = None,
+    run_status: Annotated[Optional[str], typer.Option("--status", help="Only runs with this status: "
+                                                      "done, failed or running.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the stage runs recorded in one or several workspaces: mode, seed, config, status, metrics."""
+    from bloger_cli.runs import list_runs
+
+    roots = workspace or [DEFAULT_WORKSPACE]
+    rows = list_runs(roots, stage=stage, mode=mode, status=run_status)
+
+    def render(result: dict[str, Any]) -> None:
+        table = Table(title=f"{len(result['runs'])} runs", title_justify="left", box=box.SIMPLE_HEAD)
+        columns = (["workspace"] if len(roots) > 1 else []) + [
+            "started", "stage", "status", "mode", "seed", "config", "recall@10", "ndcg@10", "seconds", "run"]
+        for col in columns:
+            table.add_column(col, justify="right" if col in ("seed", "recall@10", "ndcg@10", "seconds") else "left")
+        colour = {"done": "green", "failed": "red", "running": "yellow"}
+        for r in result["runs"]:
+            cells = [escape(c) for c in ([r["workspace"]] if len(roots) > 1 else []) + [
+                (r["started_at"] or "")[5:16], r["stage"], r["status"], r["mode"] or "",
+                "" if r["seed"] is None else str(r["seed"]), (r["config_hash"] or "")[:8],
+                *(f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "" for k in ("recall@10", "ndcg@10")),
+                "" if r["seconds"] is None else f"{r['seconds']:.0f}", r["run_id"].rsplit("-", 1)[-1]]]
+            status_at = 3 if len(roots) > 1 else 2
+            cells[status_at] = f"[{colour.get(r['status'], 'white')}]{cells[status_at]}[/]"
+            table.add_row(*cells)
+        (err if err.is_terminal else Console(stderr=True, width=120)).print(table)  # a log is not 80 wide
+        if result["runs"]:
+            err.print("run: the run id's last part; --json gives whole ids, full metrics and errors",
+                      style="dim", highlight=False)
+
+    emit({"workspaces": [str(r) for r in roots], "runs": rows}, as_json, render)
 
 
 def main() -> None:

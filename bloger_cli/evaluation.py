@@ -106,6 +106,7 @@ def _evaluate(ctx: StageContext, cfg: EvaluateConfig, ckpt: dict[str, Any], path
     return {
         "split": cfg.split, "users": len(samples), "items": len(codes), "decode": cfg.decode, "beam": cfg.beam,
         "checkpoint": str(path), "epoch": int(ckpt["epoch"]), "device": str(device),
+        "mode": ckpt.get("mode"), "seed": ckpt.get("config", {}).get("seed"),
         "users_per_s": round(len(samples) / decode_seconds, 1), "seconds": round(time.perf_counter() - started, 3),
         "metrics": metrics, "popularity": popularity,
     }
