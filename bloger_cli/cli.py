@@ -22,7 +22,7 @@ from typer.core import TyperGroup
 
 from bloger_cli import __version__, progress
 from bloger_cli.config import resolve_config
-from bloger_cli.errors import BlogerError, WorkspaceError
+from bloger_cli.errors import BlogerError, Interrupted, WorkspaceError
 from bloger_cli.render import RENDERERS, emit, err
 from bloger_cli.workspace import DEFAULT_WORKSPACE, Workspace, stage_status
 _state = {"debug": False}
@@ -51,7 +51,8 @@ class BoundaryGroup(TyperGroup):
             if _state["debug"]:
                 raise
             # escape(): messages hold user text ("[prepare]", "{user: [item, ...]}") that is not markup
-            err.print(f"[bold red]error:[/] {escape(exc.message)}", markup=True, highlight=False, soft_wrap=True)
+            label = "[bold yellow]stopped:[/]" if isinstance(exc, Interrupted) else "[bold red]error:[/]"
+            err.print(f"{label} {escape(exc.message)}", markup=True, highlight=False, soft_wrap=True)
             if exc.hint:
                 err.print(f"  hint: {escape(exc.hint)}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
@@ -310,7 +311,7 @@ def runs(
     stage: Annotated[Optional[str], typer.Option(help="Only this stage's runs.")] = None,
     mode: Annotated[Optional[str], typer.Option(help="Only runs of this mode: fixed, joint or bilevel.")] = None,
     run_status: Annotated[Optional[str], typer.Option("--status", help="Only runs with this status: "
-                                                      "done, failed or running.")] = None,
+                                                      "done, failed, interrupted or running.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """List the stage runs recorded in one or several workspaces: mode, seed, config, status, metrics."""
@@ -325,7 +326,7 @@ def runs(
             "started", "stage", "status", "mode", "seed", "config", "recall@10", "ndcg@10", "seconds", "run"]
         for col in columns:
             table.add_column(col, justify="right" if col in ("seed", "recall@10", "ndcg@10", "seconds") else "left")
-        colour = {"done": "green", "failed": "red", "running": "yellow"}
+        colour = {"done": "green", "failed": "red", "interrupted": "yellow", "running": "cyan"}
         for r in result["runs"]:
             cells = [escape(c) for c in ([r["workspace"]] if len(roots) > 1 else []) + [
                 (r["started_at"] or "")[5:16], r["stage"], r["status"], r["mode"] or "",

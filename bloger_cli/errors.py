@@ -46,3 +46,9 @@ class WorkspaceBusy(BlogerError):
     """Another bloger process holds the workspace lock (exit 3, so schedulers can retry)."""
 
     exit_code = 3
+
+
+class Interrupted(BlogerError):
+    """Stopped by the user (Ctrl-C / SIGINT) at a safe point; the hint says how to continue (exit 130)."""
+
+    exit_code = 130

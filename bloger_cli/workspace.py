@@ -24,7 +24,7 @@ from bloger_cli.artifacts import (SPECS, ArtifactInfo, ArtifactSpec, file_hash, 
                                   temp_path_for)
 from bloger_cli.catalog import Catalog, RunRecord
 from bloger_cli.config import config_hash
-from bloger_cli.errors import ArtifactError, WorkspaceBusy, WorkspaceError
+from bloger_cli.errors import ArtifactError, Interrupted, WorkspaceBusy, WorkspaceError
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,9 @@ def run_stage(
             except BaseException as exc:
                 for tmp in ctx.pending.values():
                     tmp.unlink(missing_ok=True)
-                ws.catalog.finish_run(run_id, "failed", error=str(exc) or type(exc).__name__)
+                stopped = isinstance(exc, (KeyboardInterrupt, Interrupted))
+                ws.catalog.finish_run(run_id, "interrupted" if stopped else "failed",
+                                      error=str(exc) or type(exc).__name__)
                 raise
             ws.catalog.finish_run(run_id, "done", result=result, artifacts=infos)
             return StageResult(stage, run_id, False, result)

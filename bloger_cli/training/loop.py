@@ -66,6 +66,9 @@ class TrainState:
     step: int = 0
     best: float = -math.inf
     best_epoch: int = 0
+    epoch_step: int = 0  # steps done in the epoch in progress (a run stopped mid-epoch resumes there)
+    epoch_loss: float = 0.0  # that epoch's loss sum and seconds so far
+    epoch_seconds: float = 0.0
     bad_evals: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)  # epoch rows and tokenizer-update rows
     tokenizer: nn.Module | None = None  # trained in modes joint and bilevel
@@ -81,7 +84,8 @@ class TrainState:
         out = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
                "best": self.best, "best_epoch": self.best_epoch, "bad_evals": self.bad_evals,
-               "history": self.history, "rng": rng_state()}
+               "history": self.history, "rng": rng_state(), "epoch_step": self.epoch_step,
+               "epoch_loss": self.epoch_loss, "epoch_seconds": self.epoch_seconds}
         if self.tokenizer is not None and self.tokenizer_optimizer is not None:
             out["tokenizer_state"] = {k: v.detach().cpu() for k, v in self.tokenizer.state_dict().items()}
             out["tokenizer_optimizer"] = self.tokenizer_optimizer.state_dict()
@@ -94,6 +98,8 @@ class TrainState:
         self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
         self.best, self.best_epoch = float(ckpt["best"]), int(ckpt["best_epoch"])
         self.bad_evals, self.history = int(ckpt["bad_evals"]), list(ckpt["history"])
+        self.epoch_step, self.epoch_loss = int(ckpt.get("epoch_step", 0)), float(ckpt.get("epoch_loss", 0.0))
+        self.epoch_seconds = float(ckpt.get("epoch_seconds", 0.0))
         if self.tokenizer is not None and self.tokenizer_optimizer is not None:
             self.tokenizer.load_state_dict(ckpt["tokenizer_state"])
             self.tokenizer_optimizer.load_state_dict(ckpt["tokenizer_optimizer"])
@@ -144,6 +150,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 StepFn = Callable[[TrainState, Batch, Part], Tensor]  # -> this process's mean loss on its slice
+StopFn = Callable[[], bool]  # True once the user asked the run to stop (SIGINT)
+
+
+class Stopped(Exception):
+    """Raised by `fit` after it saved the state at a safe point because `stop()` said so."""
 
 
 def fixed_step(cfg: TrainBilevelConfig, amp: torch.dtype | None, device: torch.device) -> StepFn:
@@ -270,16 +281,21 @@ def make_step(cfg: TrainBilevelConfig, data: TrainData, device: torch.device, st
 
 
 def train_epoch(state: TrainState, data: TrainData, cfg: TrainBilevelConfig, step_fn: StepFn,
-                device: torch.device, epoch: int) -> dict[str, float]:
-    """One pass over the training samples; returns the epoch's mean loss, seconds and samples/s."""
+                device: torch.device, epoch: int, stop: StopFn = lambda: False) -> dict[str, float] | None:
+    """One pass over the training samples (from step `state.epoch_step` of it, when a stopped run
+    resumes); returns the epoch's mean loss, seconds and samples/s, or None when `stop()` cut it short
+    (state.epoch_step and friends then say where it stopped)."""
     state.model.train()
     order = epoch_order(cfg.seed, epoch, len(data.train)).to(device)
-    total = torch.zeros((), device=device)
+    total = torch.full((), state.epoch_loss, device=device)
     steps = math.ceil(len(data.train) / cfg.batch_size)
-    started = time.perf_counter()
+    first = state.epoch_step
+    started = time.perf_counter() - state.epoch_seconds
     dist = state.dist
     with Bar(steps, f"epoch {epoch}/{cfg.epochs}") as bar:
-        for i, start in enumerate(range(0, len(data.train), cfg.batch_size)):
+        bar.advance(first)
+        for i in range(first, steps):
+            start = i * cfg.batch_size
             index = order[start:start + cfg.batch_size]  # the global batch; this process takes its slice
             local, share = dist.shard(index)
             part = Part(share, distinct_items(data.train.history[index], data.train.target[index])
@@ -289,6 +305,11 @@ def train_epoch(state: TrainState, data: TrainData, cfg: TrainBilevelConfig, ste
             state.step += 1
             if i % 20 == 0 or i == steps - 1:  # a host sync only every 20 steps
                 bar.advance(min(20, steps - bar.done) if i else 1, status=f"loss {float(loss):.4f}")
+            if i < steps - 1 and stop():
+                state.epoch_step, state.epoch_loss = i + 1, float(total)
+                state.epoch_seconds = time.perf_counter() - started
+                return None
+    state.epoch_step, state.epoch_loss, state.epoch_seconds = 0, 0.0, 0.0
     dist.sum_([total])
     seconds = time.perf_counter() - started
     return {"train_loss": float(total) / steps, "seconds": seconds, "samples_per_s": len(data.train) / seconds}
@@ -307,11 +328,16 @@ def validate(state: TrainState, data: TrainData, index: PrefixIndex, cfg: TrainB
 
 
 def fit(state: TrainState, data: TrainData, cfg: TrainBilevelConfig, step_fn: StepFn, device: torch.device,
-        save: Callable[[TrainState, bool], None]) -> TrainState:
-    """Epochs from state.epoch + 1 to cfg.epochs (or early stop); `save(state, improved)` after each."""
+        save: Callable[[TrainState, bool], None], stop: StopFn = lambda: False) -> TrainState:
+    """Epochs from state.epoch + 1 to cfg.epochs (or early stop); `save(state, improved)` after each.
+    When `stop()` turns true: save the state after the current step (or epoch) and raise Stopped."""
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         row: dict[str, Any] = {"event": "epoch", "epoch": epoch, "lr": state.scheduler.get_last_lr()[0]}
-        row.update(train_epoch(state, data, cfg, step_fn, device, epoch))
+        done = train_epoch(state, data, cfg, step_fn, device, epoch, stop)
+        if done is None:
+            save(state, False)
+            raise Stopped
+        row.update(done)
         row["step"] = state.step
         improved = False
         row["val_recall_10"] = row["val_ndcg_10"] = None
@@ -331,6 +357,8 @@ def fit(state: TrainState, data: TrainData, cfg: TrainBilevelConfig, step_fn: St
                  row["train_loss"], _fmt(row["val_recall_10"]), _fmt(row["val_ndcg_10"]), row["seconds"],
                  row["samples_per_s"])
         save(state, improved)
+        if stop() and epoch < cfg.epochs:
+            raise Stopped
         if cfg.train.patience is not None and state.bad_evals >= cfg.train.patience:
             log.info("early stop after epoch %d: no better %s for %d validations (best %.4f at epoch %d)",
                      epoch, cfg.train.metric, state.bad_evals, state.best, state.best_epoch)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -38,3 +42,26 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+@contextmanager
+def stop_on_sigint(enabled: bool = True) -> Iterator[Callable[[], bool]]:
+    """While inside: the first Ctrl-C (SIGINT) only asks the caller to stop at its next safe point (the
+    returned function turns true); a second one interrupts at once. Outside the main thread, or with
+    enabled=False (several processes under torchrun), SIGINT keeps its usual meaning."""
+    asked = [False]
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if asked[0]:
+            raise KeyboardInterrupt
+        asked[0] = True
+        log.warning("stopping after the current step and saving the state (Ctrl-C again to stop at once)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: asked[0]
+    finally:
+        signal.signal(signal.SIGINT, previous)

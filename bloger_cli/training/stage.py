@@ -21,15 +21,15 @@ import torch
 
 from bloger_cli.artifacts import SPECS, ArtifactInfo, load_torch, save_torch, write_arrow
 from bloger_cli.config import TrainBilevelConfig, config_hash
-from bloger_cli.errors import ConfigError, DataError
+from bloger_cli.errors import ConfigError, DataError, Interrupted
 from bloger_cli.progress import Steps
 from bloger_cli.recommender.model import Recommender, RecommenderConfig
 from bloger_cli.recommender.vocab import Vocab
 from bloger_cli.training.checkpoint import check_resumable, in_progress_dir, load_checkpoint, save_atomic
 from bloger_cli.training.data import Samples, load_split, read_codes
 from bloger_cli.training.distributed import Distributed
-from bloger_cli.training.loop import TrainData, TrainState, fit, make_step, new_state
-from bloger_cli.training.runtime import resolve_device, seed_everything
+from bloger_cli.training.loop import Stopped, TrainData, TrainState, fit, make_step, new_state
+from bloger_cli.training.runtime import resolve_device, seed_everything, stop_on_sigint
 from bloger_cli.workspace import StageContext, StageResult, Workspace, run_stage
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,15 @@ def _train(ctx: StageContext | None, cfg: TrainBilevelConfig, infos: dict[str, A
                 save_atomic(ckpt, scratch / "best.pt", ctx.metadata("checkpoint", {"mode": cfg.mode}))
 
         steps.step(f"training ({cfg.mode})")
-        fit(state, data, cfg, make_step(cfg, data, device, steps_per_epoch), device, save)
+        with stop_on_sigint(enabled=not dist.enabled) as stop:
+            try:
+                fit(state, data, cfg, make_step(cfg, data, device, steps_per_epoch), device, save, stop)
+            except Stopped:
+                where = f"epoch {state.epoch + 1}, step {state.epoch_step}" if state.epoch_step else \
+                    f"the end of epoch {state.epoch}"
+                raise Interrupted(f"at {where} of {cfg.epochs}; the state is saved in {scratch / 'last.pt'}",
+                                  hint=f"continue with `bloger train-bilevel -w {root} --resume` and the same "
+                                  "config and options") from None
         if ctx is not None:
             steps.step("writing artifacts")
             _write_outputs(ctx, cfg, state, data, infos)

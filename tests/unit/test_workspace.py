@@ -142,7 +142,8 @@ def test_failing_body_leaves_artifacts_and_records_failure(tmp_path, raw, error)
     assert snapshot(ws) == before and ws.catalog.current_artifacts() == current
     assert leftovers(ws) == []
     failed, done = ws.catalog.runs()
-    assert (failed.status, failed.error) == ("failed", str(error) or type(error).__name__)
+    status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+    assert (failed.status, failed.error) == (status, str(error) or type(error).__name__)
     assert done.run_id == good.run_id and ws.catalog.last_done("prepare").run_id == good.run_id
     # the failed run does not count as up to date: the next plain run is still a no-op on the good one
     assert run_stage(ws, "prepare", CFG, inputs_for(raw), Body(3)).run_id == good.run_id

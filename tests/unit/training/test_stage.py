@@ -45,12 +45,12 @@ class Killed(Exception):
 def _kill_after_first_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
     real_fit = train.fit
 
-    def fit(state, data, cfg, step_fn, device, save):
+    def fit(state, data, cfg, step_fn, device, save, stop):
         def save_then_die(state, improved):
             save(state, improved)
             raise Killed
 
-        return real_fit(state, data, cfg, step_fn, device, save_then_die)
+        return real_fit(state, data, cfg, step_fn, device, save_then_die, stop)
 
     monkeypatch.setattr(train, "fit", fit)
 
