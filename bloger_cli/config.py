@@ -207,6 +207,7 @@ class TrainConfig(StrictModel):
     warmup_steps: int = Field(0, ge=0, description="linear warmup from 0 to lr")
     clip_norm: float | None = Field(1.0, gt=0, description="gradient clipping (None: off)")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on capable GPUs")
+    compile: bool = Field(False, description="torch.compile the training forward pass (the meta step runs eager)")
     eval_every: int = Field(1, ge=1, description="validate every this many epochs")
     val_users: int | None = Field(None, ge=1, description="validate on a fixed sample of this many users (None: all)")
     val_beam: int = Field(20, ge=10, description="beam width of validation decoding (metrics are @10)")

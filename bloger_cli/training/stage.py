@@ -131,6 +131,8 @@ def _train(ctx: StageContext | None, cfg: TrainBilevelConfig, infos: dict[str, A
             tokenizer = tokenizer.to(device)
         state = new_state(model, cfg, steps_per_epoch, tokenizer)
         state.dist, state.net = dist, dist.wrap(model)
+        if cfg.train.compile:
+            state.net = torch.compile(state.forward)
         scratch = in_progress_dir(root)
         cfg_hash = config_hash(cfg)
         if resume:

@@ -116,3 +116,12 @@ def test_bad_training_options_are_one_line_usage_errors(cli, tokenized_workspace
     assert result.exit_code == 2, result.output
     assert message in result.stderr and "Traceback" not in result.output
     assert sorted(p.name for p in tokenized_workspace.iterdir()) == before  # nothing written
+
+
+def test_compile_wraps_the_training_forward_only(tokenized_workspace: Path, train_config, monkeypatch) -> None:
+    from bloger_cli.recommender.model import Recommender
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module: compiled.append(module) or module)
+    train.run(train_config(epochs=1, train={"compile": True}), Workspace(tokenized_workspace))
+    assert len(compiled) == 1 and isinstance(compiled[0], Recommender)
