@@ -183,12 +183,14 @@ def tokenize(
     epochs: Annotated[Optional[int], typer.Option(help="RQ-VAE training epochs [200].")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed [42].")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | mps.")] = None,
+    warm_start: Annotated[Optional[Path], typer.Option(
+        help="An earlier workspace or tokenizer file to start from (then --epochs more; 0: codes only).")] = None,
 ) -> None:
     """Train the item tokenizer and give every item a semantic ID (collisions disambiguated)."""
     from bloger_cli.tokenizer.stage import run
 
     options = dict(method=method, levels=levels, codebook_size=codebook_size, epochs=epochs, seed=seed,
-                   device=device)
+                   device=device, warm_start=warm_start)
     _stage("tokenize", run, workspace, config, options, set_, as_json, force, lock_timeout)
 
 
@@ -212,6 +214,8 @@ def train_bilevel(
     surgery: Annotated[Optional[str], typer.Option(help="pcgrad | none | official [pcgrad].")] = None,
     updates_per_epoch: Annotated[Optional[int], typer.Option(help="Tokenizer meta steps per epoch [1].")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run of this workspace.")] = False,
+    warm_start: Annotated[Optional[Path], typer.Option(
+        help="An earlier workspace or checkpoint whose recommender weights to start from.")] = None,
 ) -> None:
     """Train the generative recommender (and, in modes joint and bilevel, the tokenizer) on the semantic IDs.
 
@@ -220,7 +224,7 @@ def train_bilevel(
 
     options = {"mode": mode, "epochs": epochs, "batch_size": batch_size, "seed": seed, "device": device,
                "train.val_users": val_users, "bilevel.lam": lam, "bilevel.surgery": surgery,
-               "bilevel.updates_per_epoch": updates_per_epoch}
+               "bilevel.updates_per_epoch": updates_per_epoch, "warm_start": warm_start}
     _stage("train-bilevel", run, workspace, config, options, set_, as_json, force, lock_timeout, resume=resume)
 
 

@@ -159,6 +159,8 @@ class TokenizeConfig(StrictModel):
     dead_codes: Literal["reseed", "none"] = Field("reseed", description="re-seed codes unused in an epoch")
     patience: int | None = Field(20, ge=1, description="stop after this many epochs without improvement")
     disambiguate: bool = Field(True, description="append a code that makes colliding IDs unique")
+    warm_start: Path | None = Field(None, description="an earlier workspace or tokenizer file: start from its "
+                                    "weights (no k-means init), then train `epochs` more (0: assign codes only)")
     seed: int = 42
     device: Device = "auto"
 
@@ -247,6 +249,8 @@ class TrainBilevelConfig(StrictModel):
     batch_size: int = Field(256, ge=1)
     seed: int = 42
     device: Device = "auto"
+    warm_start: Path | None = Field(None, description="an earlier workspace or checkpoint: start the recommender "
+                                    "from its weights (same model size and ID layout)")
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     bilevel: BilevelConfig = Field(default_factory=BilevelConfig)

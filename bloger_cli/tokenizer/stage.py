@@ -20,14 +20,14 @@ from torch import nn
 
 from bloger_cli.artifacts import SPECS, load_torch, read_table, save_torch, write_arrow
 from bloger_cli.config import TokenizeConfig
-from bloger_cli.errors import ArtifactError, DataError
+from bloger_cli.errors import ArtifactError, ConfigError, DataError
 from bloger_cli.progress import Steps
 from bloger_cli.tokenizer.kmeans import RQKMeans, RQKMeansConfig
 from bloger_cli.tokenizer.rqvae import RQVAE, RQVAEConfig
 from bloger_cli.tokenizer.semantic_ids import semantic_ids
 from bloger_cli.tokenizer.trainer import train_rqvae
 from bloger_cli.training.runtime import resolve_device, seed_everything
-from bloger_cli.workspace import StageContext, StageResult, Workspace, run_stage
+from bloger_cli.workspace import StageContext, StageResult, Workspace, raw_fingerprint, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,42 @@ log = logging.getLogger(__name__)
 def run(cfg: TokenizeConfig, ws: Workspace, *, force: bool = False, lock_timeout: float = 60.0) -> StageResult:
     """Run the tokenize stage on a workspace (a no-op when the embeddings and config are unchanged)."""
     info = ws.inputs("embeddings")["embeddings"]
-    return run_stage(ws, "tokenize", cfg, {"artifact:embeddings": info.content_hash},
-                     lambda ctx: _tokenize(ctx, cfg, info.path), force=force, lock_timeout=lock_timeout)
+    inputs = {"artifact:embeddings": info.content_hash}
+    warm = None if cfg.warm_start is None else warm_tokenizer_path(cfg.warm_start)
+    if warm is not None:
+        inputs[f"file:{warm.resolve()}"] = raw_fingerprint(warm)
+    return run_stage(ws, "tokenize", cfg, inputs, lambda ctx: _tokenize(ctx, cfg, info.path, warm),
+                     force=force, lock_timeout=lock_timeout)
+
+
+def warm_tokenizer_path(source: Path) -> Path:
+    """The tokenizer a --warm-start names: a file, or a workspace's trained tokenizer (what its
+    train-bilevel ended with) or else its tokenize output."""
+    if source.is_file():
+        return source
+    if source.is_dir():
+        ws = Workspace(source)
+        for kind in ("trained_tokenizer", "tokenizer"):
+            if ws.path(kind).is_file():
+                return ws.path(kind)
+        raise ConfigError(f"--warm-start {source}: the workspace has no tokenizer (no {SPECS['tokenizer'].filename})",
+                          hint="run `bloger tokenize` there first, or pass a tokenizer file")
+    raise ConfigError(f"--warm-start {source}: no such workspace or file")
+
+
+def _check_warm(model: nn.Module, cfg: TokenizeConfig, input_dim: int, path: Path) -> None:
+    """A warm-start tokenizer must have the layout the config asks for: the same method, levels, codes
+    per level and (RQ-VAE) widths, so that its IDs stay compatible."""
+    want = build_model(cfg, input_dim).config.to_dict()
+    have = model.config.to_dict()
+    method = "rq-kmeans" if isinstance(model, RQKMeans) else "rqvae"
+    diff = [f"{key} {have[key]} (config: {want[key]})" for key in ("levels", "codebook_size", "code_dim", "hidden")
+            if key in want and key in have and have[key] != want[key]]
+    if method != cfg.method:
+        diff.insert(0, f"method {method} (config: {cfg.method})")
+    if diff:
+        raise ConfigError(f"--warm-start {path} does not fit the config: {', '.join(diff)}",
+                          hint="use the earlier run's tokenize settings, or start without --warm-start")
 
 
 def read_embeddings(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,28 +105,36 @@ def build_model(cfg: TokenizeConfig, input_dim: int) -> RQVAE | RQKMeans:
                                      cfg.dropout, cfg.commitment))
 
 
-def fit_tokenizer(cfg: TokenizeConfig, x: torch.Tensor, device: torch.device) -> tuple[nn.Module, int]:
-    """A trained RQ-VAE or fitted residual k-means on `device`; returns (model, epochs run)."""
+def fit_tokenizer(cfg: TokenizeConfig, x: torch.Tensor, device: torch.device,
+                  warm: Path | None = None) -> tuple[nn.Module, int]:
+    """A trained RQ-VAE or fitted residual k-means on `device` (from `warm`'s weights when given: an
+    RQ-VAE then trains on without k-means init, residual k-means is kept as is); returns (model, epochs run)."""
     generator = seed_everything(cfg.seed)  # seeds the weight init too, so it comes first
-    model = build_model(cfg, x.shape[1]).to(device)
+    if warm is None:
+        model = build_model(cfg, x.shape[1])
+    else:
+        model = load_tokenizer(warm, input_dim=x.shape[1]).train()
+        _check_warm(model, cfg, x.shape[1], warm)
+    model = model.to(device)
     x = x.to(device)
     if isinstance(model, RQKMeans):
-        model.fit(x, cfg.kmeans_iters, generator)
+        if warm is None:
+            model.fit(x, cfg.kmeans_iters, generator)
         return model, 0
-    result = train_rqvae(model, x, cfg, generator)
+    result = train_rqvae(model, x, cfg, generator, init=warm is None)
     log.info("kept the weights of epoch %d (loss %.5f) of %d", result.best_epoch, result.best_loss,
              result.epochs_run)
     return model, result.epochs_run
 
 
-def _tokenize(ctx: StageContext, cfg: TokenizeConfig, path: Path) -> dict[str, Any]:
+def _tokenize(ctx: StageContext, cfg: TokenizeConfig, path: Path, warm: Path | None) -> dict[str, Any]:
     started = time.perf_counter()
     with Steps("tokenize") as steps:
         steps.step("reading embeddings")
         item_ids, x = read_embeddings(path)
         device = resolve_device(cfg.device)
-        steps.step(f"fitting {cfg.method} on {len(x):,} items")
-        model, epochs_run = fit_tokenizer(cfg, x, device)
+        steps.step(f"fitting {cfg.method} on {len(x):,} items" + (f", from {warm}" if warm else ""))
+        model, epochs_run = fit_tokenizer(cfg, x, device, warm)
         steps.step("assigning codes")
         ids = semantic_ids(model, x, item_ids, cfg.codebook_size, device, cfg.disambiguate)
         codes, report, stats, assignment = ids

@@ -109,14 +109,17 @@ class TrainResult(NamedTuple):
     history: list[dict[str, Any]]  # per epoch: epoch, loss, recon, collision_rate, dead_codes
 
 
-def train_rqvae(model: RQVAE, x: Tensor, cfg: TokenizeConfig, generator: torch.Generator) -> TrainResult:
-    """k-means init, then up to `cfg.epochs` epochs; keeps the weights of the epoch with the lowest loss.
+def train_rqvae(model: RQVAE, x: Tensor, cfg: TokenizeConfig, generator: torch.Generator,
+                init: bool = True) -> TrainResult:
+    """k-means init (unless `init` is off: a warm start), then up to `cfg.epochs` epochs; keeps the
+    weights of the epoch with the lowest loss (the starting weights when no epoch runs).
 
     Early stopping watches the epoch's total loss (reconstruction + quantisation): it is what the
     optimiser minimises and costs nothing extra. The collision rate is logged but not a stopping
     criterion: it is noisy from epoch to epoch and is fixed afterwards by disambiguation anyway.
     """
-    init_codebooks(model, x, cfg.kmeans_iters, generator, x.device)
+    if init:
+        init_codebooks(model, x, cfg.kmeans_iters, generator, x.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     best_loss, best_epoch, stale = float("inf"), 0, 0
     best_state = _snapshot(model)

@@ -30,7 +30,7 @@ from bloger_cli.training.data import Samples, load_split, read_codes
 from bloger_cli.training.distributed import Distributed
 from bloger_cli.training.loop import Stopped, TrainData, TrainState, fit, make_step, new_state
 from bloger_cli.training.runtime import resolve_device, seed_everything, stop_on_sigint
-from bloger_cli.workspace import StageContext, StageResult, Workspace, run_stage
+from bloger_cli.workspace import StageContext, StageResult, Workspace, raw_fingerprint, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,9 @@ def run(cfg: TrainBilevelConfig, ws: Workspace, *, force: bool = False, lock_tim
     try:
         infos = ws.inputs(*INPUT_KINDS, *(("embeddings",) if cfg.mode != "fixed" else ()))
         inputs = {f"artifact:{kind}": info.content_hash for kind, info in infos.items()}
+        if cfg.warm_start is not None:
+            warm = warm_checkpoint_path(cfg.warm_start)
+            inputs[f"file:{warm.resolve()}"] = raw_fingerprint(warm)
     except BaseException:
         dist.broadcast((None, None))
         raise
@@ -72,6 +75,35 @@ def run(cfg: TrainBilevelConfig, ws: Workspace, *, force: bool = False, lock_tim
     finally:
         if not training:
             dist.broadcast(False)
+
+
+def warm_checkpoint_path(source: Path) -> Path:
+    """The checkpoint a --warm-start names: a file, or a workspace's best.pt."""
+    if source.is_file():
+        return source
+    if source.is_dir():
+        path = source / SPECS["checkpoint"].filename
+        if path.is_file():
+            return path
+        raise ConfigError(f"--warm-start {source}: the workspace has no trained recommender (no {path.name})",
+                          hint="run `bloger train-bilevel` there first, or pass a checkpoint file")
+    raise ConfigError(f"--warm-start {source}: no such workspace or file")
+
+
+def warm_start(model: Recommender, source: Path) -> None:
+    """Load an earlier run's recommender weights into `model`; the model size and the ID layout (levels,
+    codes per level) must be the same, else a clear error naming what differs."""
+    path = warm_checkpoint_path(source)
+    ckpt = load_checkpoint(path)
+    have, want = ckpt["model_config"], model.config.to_dict()
+    free = ("dropout", "attention_dropout")  # training settings; everything else fixes shapes or layout
+    diff = [f"{key} {have.get(key)} (now {want[key]})" for key in want if key not in free and have.get(key) != want[key]]
+    if diff:
+        raise ConfigError(f"--warm-start {path} does not fit this run: {', '.join(diff)}",
+                          hint="keep the earlier run's model settings and tokenize levels / codebook size, "
+                          "or start without --warm-start")
+    model.load_state_dict(ckpt["model"])
+    log.info("recommender weights from %s (epoch %d)", path, int(ckpt["epoch"]))
 
 
 def load_data(cfg: TrainBilevelConfig, infos: dict[str, ArtifactInfo]) -> tuple[TrainData, int]:
@@ -125,7 +157,10 @@ def _train(ctx: StageContext | None, cfg: TrainBilevelConfig, infos: dict[str, A
         seed_everything(cfg.seed)  # before the weights are initialised
         model_config = RecommenderConfig(levels=data.vocab.levels, codebook_size=data.vocab.codebook_size,
                                          soft_levels=soft_levels, **cfg.model.model_dump())
-        model = Recommender(model_config).to(device)
+        model = Recommender(model_config)
+        if cfg.warm_start is not None:
+            warm_start(model, cfg.warm_start)
+        model = model.to(device)
         steps_per_epoch = -(-len(data.train) // cfg.batch_size)
         if tokenizer is not None:
             tokenizer = tokenizer.to(device)
