@@ -1,0 +1,48 @@
+"""`make -C pipelines synthetic`: every stage, both modes, the results file; re-running does nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bloger_cli.runs import list_runs
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")]
+
+PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
+
+
+def make(work: Path, results: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("BLOGER_WORKSPACE", None)
+    bin_dir = Path(sys.executable).parent
+    return subprocess.run(["make", "-C", str(PIPELINES), "synthetic", f"WORK={work}", f"RESULTS={results}",
+                           f"BLOGER={bin_dir / 'bloger'}", f"PYTHON={sys.executable}"],
+                          capture_output=True, text=True, env=env, timeout=1200)
+
+
+def test_synthetic_reproduction_end_to_end_then_nothing_to_do(tmp_path: Path) -> None:
+    work, results = tmp_path / "work", tmp_path / "results"
+    first = make(work, results)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    data = json.loads((results / "synthetic.json").read_text())
+    assert [(r["mode"], r["seed"]) for r in data["runs"]] == [("fixed", 42), ("bilevel", 42)]
+    for row in data["runs"]:
+        assert 0 <= row["recall@10"] <= 1 and row["seconds_per_epoch"] > 0 and row["device"].startswith("cpu")
+    text = (results / "synthetic.md").read_text()
+    assert "| fixed | 1 |" in text and "| bilevel | 1 |" in text and "do not edit" in text
+    counts = {ws: len(list_runs([ws])) for ws in [work / "synthetic", *sorted((work / "synthetic-runs").iterdir())]}
+    stamp = (results / "synthetic.md").stat().st_mtime_ns
+
+    again = make(work, results)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {ws: len(list_runs([ws])) for ws in counts} == counts  # no stage ran again
+    assert (results / "synthetic.md").stat().st_mtime_ns == stamp  # the results file was not rewritten
+    assert again.stderr.count("is up to date") == 7  # prepare, embed, tokenize, 2 x (train-bilevel, evaluate)
