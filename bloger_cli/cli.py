@@ -315,7 +315,7 @@ def runs(
     stage: Annotated[Optional[str], typer.Option(help="Only this stage's runs.")] = None,
     mode: Annotated[Optional[str], typer.Option(help="Only runs of this mode: fixed, joint or bilevel.")] = None,
     run_status: Annotated[Optional[str], typer.Option("--status", help="Only runs with this status: "
-                                                      "done, failed, interrupted or running.")] = None,
+                                                      "done, failed, interrupted, running or killed.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """List the stage runs recorded in one or several workspaces: mode, seed, config, status, metrics."""
@@ -330,7 +330,7 @@ def runs(
             "started", "stage", "status", "mode", "seed", "config", "recall@10", "ndcg@10", "seconds", "run"]
         for col in columns:
             table.add_column(col, justify="right" if col in ("seed", "recall@10", "ndcg@10", "seconds") else "left")
-        colour = {"done": "green", "failed": "red", "interrupted": "yellow", "running": "cyan"}
+        colour = {"done": "green", "failed": "red", "interrupted": "yellow", "running": "cyan", "killed": "red"}
         for r in result["runs"]:
             cells = [escape(c) for c in ([r["workspace"]] if len(roots) > 1 else []) + [
                 (r["started_at"] or "")[5:16], r["stage"], r["status"], r["mode"] or "",

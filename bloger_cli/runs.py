@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bloger_cli.errors import WorkspaceError
+from bloger_cli.errors import WorkspaceBusy, WorkspaceError
 from bloger_cli.workspace import Workspace
 
 METRICS = {"train-bilevel": {"recall@10": "val_recall@10", "ndcg@10": "val_ndcg@10"}}  # result key per column
@@ -23,23 +23,39 @@ def _metrics(stage: str, result: dict[str, Any]) -> dict[str, float]:
     return {name: result[key] for name, key in keys.items() if result.get(key) is not None}
 
 
+def _busy(ws: Workspace) -> bool:
+    """Whether a bloger process holds the workspace lock now."""
+    try:
+        with ws.lock(timeout=0):
+            return False
+    except WorkspaceBusy:
+        return True
+
+
 def list_runs(workspaces: list[Path], *, stage: str | None = None, mode: str | None = None,
               status: str | None = None) -> list[dict[str, Any]]:
-    """Every run of these workspaces, newest first, filtered by stage, mode and status."""
+    """Every run of these workspaces, newest first, filtered by stage, mode and status. A run the
+    catalog still calls running while no process holds the workspace lock was killed (or crashed): its
+    status reads "killed"."""
     rows = []
     for root in workspaces:
         ws = Workspace(root)
         if not ws.catalog.path.exists():
             raise WorkspaceError(f"{root} is not a bloger workspace (no catalog.duckdb)",
                                  hint="pass a directory that `bloger prepare` made")
-        for run in ws.catalog.runs(stage, status):
+        recorded = ws.catalog.runs(stage, None if status in ("running", "killed") else status)
+        busy = any(run.status == "running" for run in recorded) and _busy(ws)
+        for run in recorded:
+            run_status = "killed" if run.status == "running" and not busy else run.status
+            if status is not None and run_status != status:
+                continue
             run_mode = run.config.get("mode") or run.result.get("mode")
             if mode is not None and run_mode != mode:
                 continue
             seconds = ((run.finished_at - run.started_at).total_seconds()
                        if run.finished_at and run.started_at else None)
             rows.append({
-                "workspace": str(root), "run_id": run.run_id, "stage": run.stage, "status": run.status,
+                "workspace": str(root), "run_id": run.run_id, "stage": run.stage, "status": run_status,
                 "mode": run_mode, "seed": run.config.get("seed", run.result.get("seed")),
                 "config_hash": run.config_hash, "metrics": _metrics(run.stage, run.result),
                 "started_at": run.started_at.isoformat(sep=" ", timespec="seconds") if run.started_at else None,

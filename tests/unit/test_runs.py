@@ -57,3 +57,16 @@ def test_a_directory_that_is_no_workspace_is_one_clear_error(tmp_path: Path, cli
         list_runs([tmp_path])
     result = cli("runs", "-w", tmp_path)
     assert result.exit_code != 0 and "is not a bloger workspace" in result.stderr and "Traceback" not in result.output
+
+
+def test_a_run_left_running_with_no_process_reads_killed(trained_workspace: Path) -> None:
+    from filelock import FileLock
+
+    from bloger_cli.workspace import Workspace
+
+    ws = Workspace(trained_workspace)
+    ws.catalog.start_run("train-bilevel", {"mode": "fixed", "seed": 7}, "h" * 16, "f", {})  # as a SIGKILL leaves it
+    assert [r["status"] for r in list_runs([trained_workspace], status="killed")] == ["killed"]
+    with FileLock(str(trained_workspace / ".bloger.lock")):  # a live process holds the workspace
+        assert [r["seed"] for r in list_runs([trained_workspace], status="running")] == [7]
+        assert list_runs([trained_workspace], status="killed") == []
