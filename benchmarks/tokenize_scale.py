@@ -27,13 +27,11 @@ import sys
 import tempfile
 import time
 
+from common import rss_mib
+
 DIM, STEPS, BATCH = 384, 100, 1024
 PHASES = ("init", "assign", "train", "rq-kmeans")
 
-
-def rss_mib() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def child(phase: str, n: int, threads: int | None) -> None:

@@ -33,15 +33,13 @@ import subprocess
 import sys
 import time
 
+from common import rss_mib
+
 SIDES = ("ours-ids", "ours-ids-noattn", "ours-mixed", "ours-mixed-noattn", "hf-dense")
 LABELS = {"ours-ids": "ours, token ids", "ours-ids-noattn": "ours, token ids, attention_dropout 0",
           "ours-mixed": "ours, mixed representation",
           "ours-mixed-noattn": "ours, mixed, attention_dropout 0", "hf-dense": "HF T5, dense soft mixing"}
 
-
-def rss_mib() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def child(side: str, args: argparse.Namespace) -> dict:
