@@ -99,6 +99,12 @@ class Distributed:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def close(self) -> None:
+        """Leave the process group. Without this a gloo process can abort at interpreter exit
+        ("terminate called without an active exception") while its communication threads wind down."""
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
     def gather(self, tensor: Tensor) -> Tensor:
         """Every rank's tensor, concatenated in rank order (sizes may differ), on every rank."""
         if not self.enabled:

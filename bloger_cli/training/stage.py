@@ -44,6 +44,14 @@ def run(cfg: TrainBilevelConfig, ws: Workspace, *, force: bool = False, lock_tim
     Under torchrun, rank 0 runs the stage as one process would (lock, catalog, every file written) and
     tells the other ranks whether it trains; they read the same inputs and train beside it."""
     dist = Distributed.from_env()
+    try:
+        return _run(cfg, ws, dist, force=force, lock_timeout=lock_timeout, resume=resume)
+    finally:
+        dist.close()
+
+
+def _run(cfg: TrainBilevelConfig, ws: Workspace, dist: Distributed, *, force: bool, lock_timeout: float,
+         resume: bool) -> StageResult:
     if not dist.main:
         infos, inputs = dist.broadcast(None)
         if not dist.broadcast(None):  # rank 0 found the stage up to date, or failed before training

@@ -19,3 +19,4 @@ meta = meta_gradients(model, tokenizer, x, Batch(*(t[index] for t in whole)), et
                       tok_items=distinct_items(whole.history, whole.target))
 if dist.main:
     torch.save({"grads": meta.grads, "losses": [meta.inner_loss, meta.outer_loss, meta.tok_loss]}, sys.argv[1])
+dist.close()
