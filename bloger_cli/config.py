@@ -12,7 +12,7 @@ import json
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -30,6 +30,10 @@ class StrictModel(BaseModel):
     """Base for every config: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+    # Paths of files the stage reads, which its catalog inputs already identify (`file:PATH` with a
+    # fingerprint): left out of the config hash, so that data moved to another place gives outputs
+    # byte for byte the same and the stages downstream stay up to date.
+    unhashed: ClassVar[frozenset[str]] = frozenset()
 
     @model_validator(mode="before")
     @classmethod
@@ -82,6 +86,8 @@ class SyntheticConfig(StrictModel):
 class PrepareConfig(StrictModel):
     """`bloger prepare`: raw interactions (+ item text) -> interactions, users, items, sequences."""
 
+    unhashed = frozenset({"input", "items"})
+
     source: SourceKind = "letter"
     input: Path | None = Field(None, description="interactions file or directory holding the source files")
     items: Path | None = Field(None, description="item metadata file (default: found next to the input)")
@@ -121,6 +127,8 @@ Device = Literal["auto", "cpu", "cuda", "mps"]
 class EmbedConfig(StrictModel):
     """`bloger embed`: item text -> sentence-transformers embeddings (or a precomputed matrix)."""
 
+    unhashed = frozenset({"from_file"})
+
     model: str = Field("all-MiniLM-L6-v2", description="sentence-transformers model name or local directory")
     template: str | None = Field(None, description="text template over item fields, e.g. '{title}. Brand: {brand}'")
     fields: list[str] | None = Field(None, description="fields to join when no template is given")
@@ -143,6 +151,8 @@ class EmbedConfig(StrictModel):
 
 class TokenizeConfig(StrictModel):
     """`bloger tokenize`: embeddings -> semantic IDs (RQ-VAE of DESIGN.md section 1, or residual k-means)."""
+
+    unhashed = frozenset({"warm_start"})
 
     method: Literal["rqvae", "rq-kmeans"] = "rqvae"
     levels: int = Field(4, ge=1, le=16, description="residual quantisation levels L")
@@ -173,6 +183,8 @@ class TokenizeConfig(StrictModel):
 
 class ExportConfig(StrictModel):
     """`bloger export-ids`: item key, item id and semantic ID to a file."""
+
+    unhashed = frozenset({"compare"})
 
     out: Path = Field(..., description="output file")
     format: Literal["parquet", "csv", "jsonl"] | None = Field(None, description="default: from the suffix")
@@ -243,6 +255,8 @@ TrainMode = Literal["fixed", "joint", "bilevel"]
 class TrainBilevelConfig(StrictModel):
     """`bloger train-bilevel`: the generative recommender (and, in bilevel modes, the tokenizer)."""
 
+    unhashed = frozenset({"warm_start"})
+
     mode: TrainMode = Field("bilevel", description="fixed: tokenizer frozen (TIGER); joint: both on L_rec + "
                             "lam * L_tok; bilevel: the meta step (BLOGER)")
     epochs: int = Field(200, ge=1)
@@ -304,7 +318,8 @@ STAGE_CONFIGS: dict[str, type[StrictModel]] = {
 
 def config_hash(config: BaseModel) -> str:
     """A short stable hash of a resolved config (what the catalog and artifact metadata record)."""
-    blob = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    dump = config.model_dump(mode="json", exclude=set(type(config).unhashed))
+    blob = json.dumps(dump, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -88,6 +88,19 @@ def test_changed_input_makes_the_stage_stale_and_reruns_it(work):
     assert not rerun["skipped"] and rerun["run_id"] != first["run_id"]
 
 
+def test_data_moved_elsewhere_reruns_prepare_with_the_same_bytes(work):
+    """The raw file's place is an input, not config: prepare re-runs, but its artifacts come out byte for
+    byte the same, so the stages downstream (which key on their content) stay up to date."""
+    cwd, data = work
+    ws = cwd / "ws"
+    first = as_json(bloger("prepare", "-w", ws, "--input", data, *NO_CORE, "--json", cwd=cwd))
+    before = {p.name: p.read_bytes() for p in ws.glob("*.parquet")}
+    moved = shutil.copytree(data.parent, cwd / "elsewhere") / data.name  # with its items file
+    rerun = as_json(bloger("prepare", "-w", ws, "--input", moved, *NO_CORE, "--json", cwd=cwd))
+    assert not rerun["skipped"] and rerun["run_id"] != first["run_id"]
+    assert {p.name: p.read_bytes() for p in ws.glob("*.parquet")} == before
+
+
 def test_relative_paths_and_default_workspace(work):
     cwd, data = work
     out = as_json(bloger("prepare", "--input", data.relative_to(cwd), *NO_CORE, "--json", cwd=cwd))
