@@ -46,3 +46,27 @@ def test_synthetic_reproduction_end_to_end_then_nothing_to_do(tmp_path: Path) ->
     assert {ws: len(list_runs([ws])) for ws in counts} == counts  # no stage ran again
     assert (results / "synthetic.md").stat().st_mtime_ns == stamp  # the results file was not rewritten
     assert again.stderr.count("is up to date") == 7  # prepare, embed, tokenize, 2 x (train-bilevel, evaluate)
+
+
+@pytest.mark.parametrize("resume", ["1", ""])
+def test_resume_continues_only_the_runs_that_were_stopped(tmp_path: Path, resume: str) -> None:
+    """RESUME=1 adds --resume where a run left training/last.pt (stopped by Ctrl-C or a kill), and only there."""
+    work, log = tmp_path / "work", tmp_path / "calls.log"
+    fake = tmp_path / "bloger"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
+    fake.chmod(0o755)
+    (work / "synthetic").mkdir(parents=True)
+    (work / "synthetic" / "semantic_ids.parquet").touch()
+    for run in ("fixed-s42", "bilevel-s42"):
+        (work / "synthetic-runs" / run).mkdir(parents=True)
+        (work / "synthetic-runs" / run / ".upstream").touch()
+    (work / "synthetic-runs" / "fixed-s42" / "training").mkdir()
+    (work / "synthetic-runs" / "fixed-s42" / "training" / "last.pt").touch()
+    out = subprocess.run(["make", "-C", str(PIPELINES), "synthetic-train", f"WORK={work}", f"BLOGER={fake}",
+                          f"RESUME={resume}"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    trains = {line.split(" -w ")[1].split()[0]: line for line in log.read_text().splitlines()
+              if line.startswith("train-bilevel")}
+    assert set(trains) == {str(work / "synthetic-runs" / r) for r in ("fixed-s42", "bilevel-s42")}
+    assert trains[str(work / "synthetic-runs" / "fixed-s42")].endswith("--resume") == (resume == "1")
+    assert "--resume" not in trains[str(work / "synthetic-runs" / "bilevel-s42")]
