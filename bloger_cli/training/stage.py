@@ -233,8 +233,9 @@ def _train(ctx: StageContext | None, cfg: TrainBilevelConfig, infos: dict[str, A
         "val_users": len(data.valid), "parameters": n_params, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
         f"{device.type} ({os.cpu_count()} cores)" if device.type == "cpu" else device.type,
-        "seconds_per_epoch": round(float(np.mean([r["seconds"] for r in epochs])), 3),
-        "samples_per_s": round(float(np.mean([r["samples_per_s"] for r in epochs])), 1),
+        # medians: the first epoch of a compiled run (and of each resumed part) also pays for the compile
+        "seconds_per_epoch": round(float(np.median([r["seconds"] for r in epochs])), 3),
+        "samples_per_s": round(float(np.median([r["samples_per_s"] for r in epochs])), 1),
         **tokenizer_side, "seconds": round(time.perf_counter() - started, 3),
     }
 
