@@ -129,7 +129,8 @@ def main() -> None:
     args = p.parse_args()
     modes, seeds = args.modes.split(), [int(s) for s in args.seeds.split()]
     data = collect(args.upstream, args.runs, modes, seeds)
-    data = {"name": args.name, "train_flags": args.train_flags.strip(), **data, "summary": summarize(data["runs"], modes), "paper": PAPER.get(args.name, {})}
+    data = {"name": args.name, "train_flags": args.train_flags.strip(), **data,
+            "summary": summarize(data["runs"], modes), "paper": PAPER.get(args.name, {})}
     args.out.mkdir(parents=True, exist_ok=True)
     write_if_changed(args.out / f"{args.name}.json", json.dumps(data, indent=1, sort_keys=True) + "\n")
     write_if_changed(args.out / f"{args.name}.md", markdown(args.name, data))
