@@ -39,7 +39,9 @@ def child(kind: str, args: argparse.Namespace) -> dict:
     from bloger_cli.tokenizer.trainer import init_codebooks
     from bloger_cli.training.bilevel import meta_gradients
     from bloger_cli.training.data import Samples, make_batch
-    from bloger_cli.training.loop import TrainData, fixed_step, new_state, refresh_codes
+    from bloger_cli.tokenizer.semantic_ids import semantic_ids
+    from bloger_cli.training.state import TrainData, new_state
+    from bloger_cli.training.steps import commit_codes, fixed_step, recode
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -57,7 +59,7 @@ def child(kind: str, args: argparse.Namespace) -> dict:
                       torch.randint(0, n, (args.batch * 4,), generator=g))
     vocab = Vocab(levels + 1, k)
     data = TrainData(samples, samples, torch.zeros(n, levels + 1, dtype=torch.long), torch.arange(n), vocab, x)
-    refresh_codes(state, data)  # real (disambiguated) codes of the random tokenizer
+    data.codes.copy_(semantic_ids(tokenizer, x, torch.arange(n), k, torch.device("cpu")).codes)  # real, disambiguated
     step = fixed_step(cfg, None, torch.device("cpu"))
     batches = [make_batch(samples.select(torch.arange(i * args.batch, (i + 1) * args.batch)), data.codes, vocab)
                for i in range(4)]
@@ -68,7 +70,7 @@ def child(kind: str, args: argparse.Namespace) -> dict:
         for name, p in tokenizer.named_parameters():
             p.grad = out.grads[name]
         state.tokenizer_optimizer.step()
-        refresh_codes(state, data)
+        commit_codes(state, data, recode(state, data))
 
     run = (lambda i: step(state, batches[i % 4])) if kind == "step" else meta
     base = rss_mib()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 import typing
 from pathlib import Path
@@ -228,6 +229,43 @@ class TrainConfig(StrictModel):
     metric: Literal["recall@10", "ndcg@10"] = Field("ndcg@10", description="early stopping and best.pt")
     patience: int | None = Field(10, ge=1, description="stop after this many validations without improvement")
     eval_batch_size: int = Field(256, ge=1, description="users per decoding batch")
+    eval_every_steps: int | None = Field(None, ge=1, description="validate every this many steps instead of "
+                                         "every `eval_every` epochs (long epochs, time budgets)")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps (the schedule "
+                                  "spans them)")
+    time_budget: float | None = Field(None, description="stop after this much wall time, e.g. 90s, 20m, 1h30m "
+                                      "(seconds when a number); the schedule spans it")
+    decay_start: float = Field(0.0, ge=0.0, lt=1.0, description="share of the run at the full rate before the "
+                               "decay begins (after the warmup)")
+    bucket_group: int | None = Field(50, ge=1, description="length-grouped batches: shuffle, sort megabatches "
+                                     "of this many batches by history length, shuffle the batches (None: off)")
+
+    @field_validator("time_budget", mode="before")
+    @classmethod
+    def _parse_budget(cls, value: Any) -> Any:
+        return None if value is None else parse_duration(value)
+
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d*)?)h)?(?:(\d+(?:\.\d*)?)m)?(?:(\d+(?:\.\d*)?)s)?")
+
+
+def parse_duration(value: Any) -> float:
+    """`90`, `90s`, `20m`, `1h30m`, `1.5h` -> seconds (> 0); anything else is a ValueError."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower().replace(" ", "")
+        match = _DURATION.fullmatch(text) if text else None
+        if text.replace(".", "", 1).isdigit():
+            seconds = float(text)
+        elif match is None or not any(match.groups()):
+            raise ValueError(f"time budget must be a duration like 90s, 20m or 1h30m (got {value!r})")
+        else:
+            h, m, sec = (float(g or 0) for g in match.groups())
+            seconds = 3600 * h + 60 * m + sec
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"time budget must be more than 0 seconds (got {value!r})")
+    return seconds
 
 
 class BilevelConfig(StrictModel):
@@ -247,6 +285,35 @@ class BilevelConfig(StrictModel):
                                    "a time (same gradient, less memory; None: the whole batch)")
     tokenizer_lr: float = Field(1e-4, gt=0)
     tokenizer_weight_decay: float = Field(1e-4, ge=0)
+    tokenizer_warmup: int = Field(0, ge=0, description="bilevel: tokenizer updates over which its rate rises "
+                                  "linearly to tokenizer_lr")
+    placement: Literal["start", "end"] = Field(
+        "start", description="bilevel: where an epoch's meta steps fall: start (the first after the epoch's "
+        "first step, the rest spread after it) or end (the last on the epoch's last step, as the paper's code)")
+    settle_steps: int | None = Field(None, ge=0, description="bilevel: no tokenizer update fewer than this many "
+                                     "steps before a validation, so the recommender learns new codes first "
+                                     "(None: an eighth of an epoch)")
+    freeze_last: float = Field(0.0, description="bilevel: share of the run at its end with the tokenizer frozen "
+                               "(0 <= share < 1)")
+    meta_batches: int = Field(1, ge=1, description="bilevel: batches whose meta-gradients are averaged in one "
+                              "update (the current one and fresh random ones)")
+    max_churn: float | None = Field(None, gt=0.0, le=1.0, description="bilevel: scale an update back (halving, "
+                                    "up to 6 times, then skip it) while it would re-code more than this share "
+                                    "of items")
+    @field_validator("freeze_last")
+    @classmethod
+    def _freeze_within_run(cls, value: float) -> float:
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"freeze_last is the share of the run at its end with the tokenizer frozen, "
+                             f"0 <= share < 1 (got {value}): a freeze of the whole run is --mode fixed")
+        return value
+
+    routing: Literal["full", "official"] = Field(
+        "full", description="soft assignments of levels >= 2: full (gradient through the residual into the "
+        "encoder and earlier codebooks) or official (residual detached: a level moves only its codebook)")
+    tok_loss: Literal["sum", "mean"] = Field(
+        "sum", description="L_tok in modes joint and bilevel: squared errors summed over coordinates (as "
+        "`tokenize`) or averaged (the official code's weight against L_rec)")
 
 
 TrainMode = Literal["fixed", "joint", "bilevel"]

@@ -126,6 +126,19 @@ class ResidualQuantizer(nn.Module):
         return QuantizerOutput(chosen_t.sum(dim=1), torch.stack(codes, dim=1), prob_t,
                                torch.stack(residuals, dim=1), chosen_t)
 
+    def soft_probs(self, z: Tensor, routing: str = "full") -> Tensor:
+        """p_l of every level (B, d) -> (B, L, K). routing "full": as `forward` (the residual keeps its
+        gradient); "official": r_{l+1} is detached, as the official code's quantizer does
+        (github.com/Ten-Mao/BLOGER, model/id/rq.py), so p_l for l >= 2 moves only codebook l."""
+        if routing == "full":
+            return self(z).probs
+        residual, probs = z, []
+        for codebook in self.codebooks:
+            d2 = squared_distances(residual, codebook)  # (B, K)
+            probs.append(torch.softmax(-d2, dim=1))
+            residual = (residual - F.embedding(d2.argmin(dim=1), codebook)).detach()
+        return torch.stack(probs, dim=1)  # (B, L, K)
+
     @torch.no_grad()
     def assign(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Inference path keeping one residual: codes (B, L), quantised sum (B, d), ||r_{l+1}||^2 (B, L).
@@ -198,9 +211,20 @@ class RQVAE(nn.Module):
         total = recon + codebook + self.config.commitment * commitment
         return RQVAEOutput(x_hat, z, q.codes, q.probs, q.residuals, RQVAELoss(total, recon, codebook, commitment))
 
-    def soft_assignments(self, x: Tensor) -> Tensor:
-        """p_l for every level: (B, D) -> (B, L, K), differentiable w.r.t. encoder and codebooks."""
-        return self.quantizer(self.encode(x)).probs
+    def soft_assignments(self, x: Tensor, routing: str = "full") -> Tensor:
+        """p_l for every level: (B, D) -> (B, L, K), differentiable w.r.t. encoder and codebooks (with
+        routing "official", level l >= 2 only w.r.t. its own codebook: `ResidualQuantizer.soft_probs`)."""
+        return self.quantizer.soft_probs(self.encode(x), routing)
+
+    def loss(self, x: Tensor, norm: str = "sum") -> Tensor:
+        """L_tok of a batch. norm "sum": `losses.total`, squared errors summed over coordinates (what
+        `tokenize` trains on); "mean": each term averaged over its coordinates (reconstruction over D,
+        quantisation over d), the official code's F.mse_loss, which weighs far less against L_rec."""
+        losses = self(x).losses
+        if norm == "sum":
+            return losses.total
+        return losses.recon / self.config.input_dim + \
+            (losses.codebook + self.config.commitment * losses.commitment) / self.config.code_dim
 
     @torch.no_grad()
     def codes(self, x: Tensor) -> Tensor:

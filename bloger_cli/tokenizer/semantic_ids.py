@@ -84,12 +84,8 @@ def collision_report(groups: tuple[Tensor, Tensor]) -> CollisionReport:
     return CollisionReport(colliding / len(inverse), colliding, int(counts.max()))
 
 
-def disambiguate(codes: Tensor, item_ids: Tensor, groups: tuple[Tensor, Tensor], capacity: int) -> Tensor:
-    """Append a code 0, 1, 2, ... within each group of items sharing all L codes: (N, L) -> (N, L+1).
-
-    Ranks follow item id within a group; singletons get 0. A group larger than `capacity` (the suffix
-    level's K codes) cannot be made unique and is a DataError.
-    """
+def _check_capacity(codes: Tensor, groups: tuple[Tensor, Tensor], capacity: int) -> None:
+    """A group larger than `capacity` (the suffix level's K codes) cannot be made unique: a DataError."""
     inverse, counts = groups
     if len(counts) and int(counts.max()) > capacity:
         big = int(counts.argmax())
@@ -100,12 +96,53 @@ def disambiguate(codes: Tensor, item_ids: Tensor, groups: tuple[Tensor, Tensor],
             hint="raise --codebook-size or --levels so fewer items collide (an undertrained rqvae also "
                  "collides: try more --epochs)",
         )
+
+
+def disambiguate(codes: Tensor, item_ids: Tensor, groups: tuple[Tensor, Tensor], capacity: int) -> Tensor:
+    """Append a code 0, 1, 2, ... within each group of items sharing all L codes: (N, L) -> (N, L+1).
+
+    Ranks follow item id within a group; singletons get 0. A group larger than `capacity` (the suffix
+    level's K codes) cannot be made unique and is a DataError.
+    """
+    _check_capacity(codes, groups, capacity)
+    inverse, counts = groups
     by_item = torch.argsort(item_ids, stable=True)
     order = by_item[torch.argsort(inverse[by_item], stable=True)]  # group-major, item id within a group
     starts = torch.cumsum(counts, dim=0) - counts  # (G,) first position of each group in `order`
     rank = torch.arange(len(order)) - starts[inverse[order]]
     suffix = torch.empty_like(rank)
     suffix[order] = rank
+    return torch.cat([codes, suffix.unsqueeze(1)], dim=1)
+
+
+def keep_suffixes(codes: Tensor, previous: Tensor, item_ids: Tensor, groups: tuple[Tensor, Tensor],
+                  capacity: int) -> Tensor:
+    """Disambiguation that moves as few IDs as it can: (N, L) new codes and the previous IDs (N, L+1) ->
+    (N, L+1). An item whose L codes are unchanged keeps its suffix (such items shared their group
+    before too, so their suffixes stay distinct); every other item takes, in item-id order, the smallest
+    suffixes that its new group's kept items do not use. Vectorised over the groups that gain items.
+    """
+    _check_capacity(codes, groups, capacity)
+    inverse, counts = groups
+    keep = (codes == previous[:, :-1]).all(dim=1)  # (N,)
+    suffix = torch.where(keep, previous[:, -1], -1)
+    moved = (~keep).nonzero().squeeze(1)  # (M,)
+    if len(moved) == 0:
+        return torch.cat([codes, suffix.unsqueeze(1)], dim=1)
+    touched, row = torch.unique(inverse[moved], return_inverse=True)  # (G,), (M,) group row of each mover
+    width = min(capacity, int(counts.max()) + int(suffix.max().clamp_min(0)) + 1)
+    used = torch.zeros(len(touched), width + 1, dtype=torch.bool)  # column `width` absorbs kept suffixes >= width
+    kept = keep & torch.isin(inverse, touched)
+    kept_row = torch.searchsorted(touched, inverse[kept])
+    used[kept_row, suffix[kept].clamp_max(width)] = True
+    free_rank = torch.cumsum(~used[:, :width], dim=1)  # (G, width) how many free suffixes up to each column
+    order = torch.argsort(item_ids[moved], stable=True)
+    order = order[torch.argsort(row[order], stable=True)]  # movers group-major, item id within a group
+    starts = torch.cumsum(torch.bincount(row, minlength=len(touched)), dim=0)
+    rank = torch.arange(len(order)) - (starts - torch.bincount(row, minlength=len(touched)))[row[order]]
+    # the (rank+1)-th free column of the mover's group: a group of at most `capacity` items always has one
+    column = torch.searchsorted(free_rank[row[order]], (rank + 1).unsqueeze(1)).squeeze(1)
+    suffix[moved[order]] = column
     return torch.cat([codes, suffix.unsqueeze(1)], dim=1)
 
 
@@ -139,11 +176,18 @@ class SemanticIDs(NamedTuple):
 
 
 def semantic_ids(model: Tokenizer, x: Tensor, item_ids: Tensor, codebook_size: int, device: torch.device,
-                 disambiguated: bool = True) -> SemanticIDs:
-    """Every item's semantic ID from the tokenizer (tokenize, and after each bi-level tokenizer update)."""
+                 disambiguated: bool = True, previous: Tensor | None = None) -> SemanticIDs:
+    """Every item's semantic ID from the tokenizer (tokenize, and after each bi-level tokenizer update).
+
+    previous: the IDs before a tokenizer update (N, L+1), rows in the order of `x`: an item whose L codes
+    did not change keeps its disambiguation code (`keep_suffixes`), so only re-coded items get new IDs."""
     assignment = assign_all(model, x, device)
     groups = prefix_groups(assignment.codes)
-    codes = disambiguate(assignment.codes, item_ids, groups[-1], codebook_size) if disambiguated \
-        else assignment.codes
+    if not disambiguated:
+        codes = assignment.codes
+    elif previous is not None:
+        codes = keep_suffixes(assignment.codes, previous.cpu(), item_ids, groups[-1], codebook_size)
+    else:
+        codes = disambiguate(assignment.codes, item_ids, groups[-1], codebook_size)
     stats = level_stats(assignment.codes, groups, codebook_size, assignment.quantization_error)
     return SemanticIDs(codes, collision_report(groups[-1]), stats, assignment)

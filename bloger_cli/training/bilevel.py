@@ -47,20 +47,21 @@ def batch_items(batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
     return items, history, torch.searchsorted(items, batch.target)
 
 
-def mixed_probs(tokenizer: nn.Module, embeddings: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+def mixed_probs(tokenizer: nn.Module, embeddings: Tensor, batch: Batch, routing: str = "full") -> tuple[Tensor, Tensor]:
     """Soft assignments for the recommender's mixed representation, one tokenizer pass per distinct item.
 
     embeddings (N, D), row = item id -> input_probs (B, H, L, K), zero at padding slots (their tokens are
     masked PAD; zeros keep the padding out of the tokenizer's gradient), and decoder_probs (B, L, K).
     L is the tokenizer's levels: the recommender's soft_levels, without the disambiguation level.
     """
-    return _mixed_probs(tokenizer, embeddings, batch)[:2]
+    return _mixed_probs(tokenizer, embeddings, batch, routing)[:2]
 
 
-def _mixed_probs(tokenizer: nn.Module, embeddings: Tensor, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+def _mixed_probs(tokenizer: nn.Module, embeddings: Tensor, batch: Batch,
+                 routing: str = "full") -> tuple[Tensor, Tensor, Tensor]:
     """mixed_probs and the batch's distinct items (U,)."""
     items, history, target = batch_items(batch)
-    p = tokenizer.soft_assignments(embeddings[items])  # (U, L, K)
+    p = tokenizer.soft_assignments(embeddings[items], routing)  # (U, L, K)
     present = (batch.history >= 0)[..., None, None]  # (B, H, 1, 1)
     return torch.where(present, p[history], 0.0), p[target], items  # (B, H, L, K), (B, L, K), (U,)
 
@@ -110,16 +111,16 @@ class MetaResult(NamedTuple):
 
 
 def _lookahead_gradient(model: Recommender, tokenizer: nn.Module, embeddings: Tensor, batch: Batch,
-                        meta_batch: Batch, eta: float) -> tuple[list[Tensor | None], float, float]:
+                        meta_batch: Batch, eta: float, routing: str = "full") -> tuple[list[Tensor | None], float, float]:
     """grad_phi L_rec(theta - eta * grad_theta L_rec(theta, phi), phi) per tokenizer tensor (None where
     unused), and the inner and outer losses. Every graph built here is freed on return."""
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     with second_order():  # the first-order grads are differentiated again: SDPA's math backend only
-        probs = mixed_probs(tokenizer, embeddings, batch)
+        probs = mixed_probs(tokenizer, embeddings, batch, routing)
         inner = rec_loss(model, params, batch, probs)
         grads = torch.autograd.grad(inner, list(params.values()), create_graph=True)
         lookahead = {name: p - eta * g for (name, p), g in zip(params.items(), grads)}
-        outer_probs = probs if meta_batch is batch else mixed_probs(tokenizer, embeddings, meta_batch)
+        outer_probs = probs if meta_batch is batch else mixed_probs(tokenizer, embeddings, meta_batch, routing)
         outer = rec_loss(model, lookahead, meta_batch, outer_probs)
         g_rec = torch.autograd.grad(outer, list(tokenizer.parameters()), allow_unused=True)  # no create_graph
     return list(g_rec), float(inner.detach()), float(outer.detach())
@@ -145,7 +146,8 @@ def _set_rng_state(state: tuple[Tensor, Tensor | None]) -> None:
 
 def _lookahead_gradient_chunked(model: Recommender, tokenizer: nn.Module, embeddings: Tensor, batch: Batch,
                                 meta_batch: Batch, eta: float, chunk: int, share: float = 1.0,
-                                reduce: Reduce | None = None) -> tuple[list[Tensor | None], float, float]:
+                                reduce: Reduce | None = None,
+                                routing: str = "full") -> tuple[list[Tensor | None], float, float]:
     """The same gradient with the second-order graph of only `chunk` samples alive at a time.
 
     d/dphi L_out(theta'(phi), phi) = dL_out/dphi at theta' - eta * d/dphi [grad_theta L_in(theta, phi) . v],
@@ -163,7 +165,7 @@ def _lookahead_gradient_chunked(model: Recommender, tokenizer: nn.Module, embedd
     states = []
     for part, w in _chunks(batch, chunk, share):  # (1)
         states.append(_rng_state())
-        loss = rec_loss(model, params, part, mixed_probs(tokenizer, embeddings, part))
+        loss = rec_loss(model, params, part, mixed_probs(tokenizer, embeddings, part, routing))
         for acc, g in zip(inner_grad, torch.autograd.grad(loss, values)):
             acc.add_(g, alpha=w)
         losses[0] += w * loss.detach()
@@ -173,7 +175,7 @@ def _lookahead_gradient_chunked(model: Recommender, tokenizer: nn.Module, embedd
     v = [torch.zeros_like(p) for p in values]
     g_rec: list[Tensor | None] = [None] * len(tok)
     for part, w in _chunks(meta_batch, chunk, share):  # (2)
-        loss = rec_loss(model, lookahead, part, mixed_probs(tokenizer, embeddings, part))
+        loss = rec_loss(model, lookahead, part, mixed_probs(tokenizer, embeddings, part, routing))
         grads = torch.autograd.grad(loss, list(lookahead.values()) + tok, allow_unused=True)
         for acc, g in zip(v, grads[:len(v)]):
             acc.add_(g, alpha=w)
@@ -185,7 +187,7 @@ def _lookahead_gradient_chunked(model: Recommender, tokenizer: nn.Module, embedd
     with second_order():
         for (part, w), state in zip(_chunks(batch, chunk, share), states):  # (3)
             _set_rng_state(state)
-            loss = rec_loss(model, params, part, mixed_probs(tokenizer, embeddings, part))
+            loss = rec_loss(model, params, part, mixed_probs(tokenizer, embeddings, part, routing))
             grads = torch.autograd.grad(loss, values, create_graph=True)
             dot = sum(torch.sum(g * u) for g, u in zip(grads, v))
             hvp = torch.autograd.grad(dot, tok, allow_unused=True)
@@ -205,11 +207,13 @@ def _add(acc: Tensor | None, g: Tensor | None, weight: float) -> Tensor | None:
 
 def meta_gradients(model: Recommender, tokenizer: nn.Module, embeddings: Tensor, batch: Batch, *, eta: float,
                    lam: float, surgery_method: str, meta_batch: Batch | None = None, chunk: int | None = None,
-                   share: float = 1.0, reduce: Reduce | None = None, tok_items: Tensor | None = None) -> MetaResult:
+                   share: float = 1.0, reduce: Reduce | None = None, tok_items: Tensor | None = None,
+                   routing: str = "full", tok_norm: str = "sum") -> MetaResult:
     """The bi-level tokenizer gradient of DESIGN.md section 1 for one batch (see the module docstring).
 
     The look-ahead step is taken on `batch`, the outer loss on `meta_batch` (default: `batch`), L_tok on
-    `batch`'s distinct items. `chunk`: at most this many samples in the second-order graph at a time
+    `batch`'s distinct items (`tok_norm`: summed or averaged squared errors, `RQVAE.loss`); `routing`: how
+    the soft assignments of levels >= 2 reach the tokenizer (`ResidualQuantizer.soft_probs`). `chunk`: at most this many samples in the second-order graph at a time
     (same result up to float rounding; None: the whole batch at once). Returns detached gradients only:
     set them as .grad and step. Neither model's .grad is touched. Tokenizer tensors L_rec does not reach
     (the decoder MLP) get lam * g_tok.
@@ -223,13 +227,13 @@ def meta_gradients(model: Recommender, tokenizer: nn.Module, embeddings: Tensor,
     target = batch if meta_batch is None else meta_batch
     whole = max(len(batch.target), len(target.target))
     if reduce is None and (chunk is None or chunk >= whole):
-        g_rec, inner, outer = _lookahead_gradient(model, tokenizer, embeddings, batch, target, eta)
+        g_rec, inner, outer = _lookahead_gradient(model, tokenizer, embeddings, batch, target, eta, routing)
     else:  # the same gradient, a fraction of the memory (benchmarks/bilevel_overhead.py)
         g_rec, inner, outer = _lookahead_gradient_chunked(model, tokenizer, embeddings, batch, target, eta,
-                                                          chunk or whole, share, reduce)
+                                                          chunk or whole, share, reduce, routing)
     tok = dict(tokenizer.named_parameters())
     items = batch_items(batch)[0] if tok_items is None else tok_items
-    tok_loss = tokenizer(embeddings[items]).losses.total
+    tok_loss = tokenizer.loss(embeddings[items], tok_norm)
     g_tok = torch.autograd.grad(tok_loss, list(tok.values()), allow_unused=True)
     out, cosine, fired = {}, {}, {}
     for (name, p), rec, own in zip(tok.items(), g_rec, g_tok):
@@ -240,13 +244,14 @@ def meta_gradients(model: Recommender, tokenizer: nn.Module, embeddings: Tensor,
     return MetaResult(out, cosine, fired, inner, outer, float(tok_loss.detach()))
 
 
-def joint_loss(model: nn.Module, tokenizer: nn.Module, embeddings: Tensor, batch: Batch,
-               lam: float, tok_items: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def joint_loss(model: nn.Module, tokenizer: nn.Module, embeddings: Tensor, batch: Batch, lam: float,
+               tok_items: Tensor | None = None, routing: str = "full",
+               tok_norm: str = "sum") -> tuple[Tensor, Tensor, Tensor]:
     """(L_rec + lam * L_tok, L_rec, L_tok) of mode joint: both models in one graph, no look-ahead; the
     caller backpropagates the total into both. `model`: the recommender or its DDP wrapper; `tok_items`:
     the items of L_tok (default: the batch's distinct items)."""
-    input_probs, decoder_probs, items = _mixed_probs(tokenizer, embeddings, batch)
+    input_probs, decoder_probs, items = _mixed_probs(tokenizer, embeddings, batch, routing)
     rec = model(batch.input_ids, batch.attention_mask, batch.decoder_input_ids, batch.labels,
                 input_probs=input_probs, decoder_probs=decoder_probs).loss
-    tok = tokenizer(embeddings[items if tok_items is None else tok_items]).losses.total
+    tok = tokenizer.loss(embeddings[items if tok_items is None else tok_items], tok_norm)
     return rec + lam * tok, rec, tok

@@ -39,6 +39,16 @@ class Samples(NamedTuple):
     def select(self, index: Tensor) -> "Samples":
         return Samples(self.user_ids[index], self.history[index], self.target[index])
 
+    def lengths(self) -> Tensor:
+        """(S,) history items per sample (histories are left-aligned: the padding is at the end)."""
+        return (self.history >= 0).sum(dim=1)
+
+    def trim(self, width: int) -> "Samples":
+        """The same samples with only `width` history slots: the padding past the longest sample dropped.
+        Histories are left-aligned and relative positions do not move, so every real token's output
+        (and the loss) is the same as in a batch padded to the cap (tests/unit/training/test_sampler.py)."""
+        return self if width >= self.history.shape[1] else Samples(self.user_ids, self.history[:, :width], self.target)
+
 
 class Batch(NamedTuple):
     input_ids: Tensor  # (B, H*L') history tokens, PAD where attention_mask is False

@@ -26,9 +26,11 @@ from bloger_cli.progress import Steps
 from bloger_cli.recommender.model import Recommender, RecommenderConfig
 from bloger_cli.recommender.vocab import Vocab
 from bloger_cli.training.checkpoint import check_resumable, in_progress_dir, load_checkpoint, save_atomic
-from bloger_cli.training.data import Samples, load_split, read_codes
+from bloger_cli.training.data import Samples, load_split, read_codes, training_items
 from bloger_cli.training.distributed import Distributed
-from bloger_cli.training.loop import Stopped, TrainData, TrainState, fit, make_step, new_state
+from bloger_cli.training.loop import Stopped, fit
+from bloger_cli.training.state import TrainData, TrainState, new_state
+from bloger_cli.training.steps import make_step
 from bloger_cli.training.runtime import resolve_device, seed_everything, stop_on_sigint
 from bloger_cli.workspace import StageContext, StageResult, Workspace, raw_fingerprint, run_stage
 
@@ -128,7 +130,8 @@ def load_data(cfg: TrainBilevelConfig, infos: dict[str, ArtifactInfo]) -> tuple[
         pick = torch.randperm(len(valid), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.train.val_users]
         valid = valid.select(pick.sort().values)  # a fixed sample: the same users every epoch
     vocab = Vocab(codes.shape[1], int(meta["codebook_size"]))
-    return TrainData(train, valid, codes, torch.arange(len(codes)), vocab), int(meta["levels"])
+    weights = torch.bincount(training_items(sequences), minlength=len(codes)).double()
+    return TrainData(train, valid, codes, torch.arange(len(codes)), vocab, item_weights=weights), int(meta["levels"])
 
 
 def load_tokenizer_side(cfg: TrainBilevelConfig, infos: dict[str, ArtifactInfo], n_items: int):
@@ -188,7 +191,8 @@ def _train(ctx: StageContext | None, cfg: TrainBilevelConfig, infos: dict[str, A
             log.warning("starting afresh: the interrupted run in %s is discarded (use --resume to continue it)",
                         scratch)
         data = TrainData(Samples(*(t.to(device) for t in data.train)), data.valid, data.codes.to(device),
-                         data.item_ids, data.vocab, None if tokenizer is None else embeddings.to(device))
+                         data.item_ids, data.vocab, None if tokenizer is None else embeddings.to(device),
+                         data.train_lengths, data.item_weights)
         n_params = sum(p.numel() for p in model.parameters())
         log.info("training %s parameters on %d samples (%d steps per epoch) on %s%s", f"{n_params:,}",
                  len(data.train), steps_per_epoch, device,
@@ -207,7 +211,8 @@ def _train(ctx: StageContext | None, cfg: TrainBilevelConfig, infos: dict[str, A
         steps.step(f"training ({cfg.mode})")
         with stop_on_sigint(enabled=not dist.enabled) as stop:
             try:
-                fit(state, data, cfg, make_step(cfg, data, device, steps_per_epoch), device, save, stop)
+                due = lambda state: state.plan.update_due(state.step, state.epoch + 1, state.clock.elapsed())  # noqa: E731
+                fit(state, data, cfg, make_step(cfg, data, device, due), device, save, stop)
             except Stopped:
                 where = f"epoch {state.epoch + 1}, step {state.epoch_step}" if state.epoch_step else \
                     f"the end of epoch {state.epoch}"
@@ -220,14 +225,20 @@ def _train(ctx: StageContext | None, cfg: TrainBilevelConfig, infos: dict[str, A
             shutil.rmtree(scratch, ignore_errors=True)
     epochs = [r for r in state.history if r.get("event", "epoch") == "epoch"]
     updates = [r for r in state.history if r.get("event") == "tokenizer_update"]
-    best_row = next((r for r in epochs if r["epoch"] == state.best_epoch), {})
+    validated = [r for r in state.history if r.get("event") in ("epoch", "eval") and r.get("val_ndcg_10") is not None]
+    best_row = next((r for r in validated if r["step"] == state.best_step), {})
+    recoded = [r for r in updates if "churn" in r]
     tokenizer_side = {} if cfg.mode == "fixed" else {
         "tokenizer_updates": len(updates) if cfg.mode == "bilevel" else state.step,
-        **({k: updates[-1][k] for k in ("collision_rate", "level1_density", "level1_entropy", "conflict_fraction")}
-           if updates else {}),
+        **({k: updates[-1][k] for k in ("collision_rate", "level1_density", "level1_entropy", "conflict_fraction")
+            if k in updates[-1]} if updates else {}),
+        **({"mean_churn": float(np.mean([r["churn"] for r in recoded])),
+            "mean_churn_weighted": float(np.mean([r.get("churn_weighted", r["churn"]) for r in recoded])),
+            "updates_skipped": len(updates) - len(recoded)} if updates else {}),
     }
     return {
-        "mode": cfg.mode, "epochs_run": state.epoch, "best_epoch": state.best_epoch, "steps": state.step,
+        "mode": cfg.mode, "epochs_run": state.epoch, "best_epoch": state.best_epoch, "best_step": state.best_step,
+        "steps": state.step, "elapsed": round(state.clock.elapsed(), 3),
         "metric": cfg.train.metric, "best_value": state.best, "val_recall@10": best_row.get("val_recall_10"),
         "val_ndcg@10": best_row.get("val_ndcg_10"), "train_samples": len(data.train),
         "val_users": len(data.valid), "parameters": n_params, "device": str(device),

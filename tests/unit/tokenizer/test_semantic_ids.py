@@ -123,3 +123,35 @@ def test_assignment_in_chunks_equals_one_chunk_and_reports_errors():
         recon = float((model.decode(q.quantized) - x).pow(2).mean())
     assert whole.quantization_error == pytest.approx(expected, rel=1e-5)
     assert whole.reconstruction_error == pytest.approx(recon, rel=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(2, 40), st.integers(1, 3), st.integers(2, 4))
+def test_keep_suffixes_keeps_unchanged_items_and_stays_one_to_one(seed: int, n: int, levels: int, k: int) -> None:
+    from bloger_cli.tokenizer.semantic_ids import keep_suffixes
+
+    g = torch.Generator().manual_seed(seed)
+    before = torch.randint(0, k, (n, levels), generator=g)
+    after = before.clone()
+    moved = torch.rand(n, generator=g) < 0.4
+    after[moved] = torch.randint(0, k, (int(moved.sum()), levels), generator=g)
+    item_ids = torch.randperm(n, generator=g)
+    capacity = n  # every group fits
+    previous = disambiguate(before, item_ids, prefix_groups(before)[-1], capacity)
+    ids = keep_suffixes(after, previous, item_ids, prefix_groups(after)[-1], capacity)
+    assert torch.equal(ids[:, :-1], after)
+    assert len(torch.unique(ids, dim=0)) == n  # one-to-one
+    same = (after == before).all(dim=1)
+    assert torch.equal(ids[same, -1], previous[same, -1])  # an unchanged prefix keeps its suffix
+    assert int(ids[:, -1].max()) < capacity
+
+
+def test_keep_suffixes_hand_case() -> None:
+    from bloger_cli.tokenizer.semantic_ids import keep_suffixes
+
+    # items 0, 1, 2 shared (1, 1) with suffixes 0, 1, 2; item 1 moves away, item 3 moves in
+    previous = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 2], [0, 0, 0]])
+    codes = torch.tensor([[1, 1], [0, 2], [1, 1], [1, 1]])
+    ids = keep_suffixes(codes, previous, torch.arange(4), prefix_groups(codes)[-1], capacity=4)
+    # a fresh ranking would give item 2 the suffix 1; here it keeps 2 and item 3 takes the free 1
+    assert ids.tolist() == [[1, 1, 0], [0, 2, 0], [1, 1, 2], [1, 1, 1]]

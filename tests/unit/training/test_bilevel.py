@@ -66,7 +66,7 @@ def test_mixed_probs_run_the_tokenizer_once_per_distinct_item(monkeypatch):
     tokenizer, _, x, batch, _ = setup()
     calls = []
     original = tokenizer.soft_assignments
-    monkeypatch.setattr(tokenizer, "soft_assignments", lambda e: calls.append(e.shape) or original(e))
+    monkeypatch.setattr(tokenizer, "soft_assignments", lambda e, *a: calls.append(e.shape) or original(e, *a))
     input_probs, decoder_probs = mixed_probs(tokenizer, x, batch)
     assert calls == [(6, D)]
     assert input_probs.shape == (4, 3, L, K) and decoder_probs.shape == (4, L, K)
@@ -376,3 +376,33 @@ def test_joint_loss_is_the_mixed_rec_loss_plus_lam_tok_and_reaches_both_models()
     total.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in tokenizer.parameters())
     assert model.shared.weight.grad.abs().sum() > 0
+
+
+# --- switches of the official code: residual routing, L_tok normalisation ---------------------------------
+
+
+def test_official_routing_moves_only_each_levels_own_codebook():
+    tokenizer, *_ , x, _, _ = setup()
+    weights = torch.randn(N, L, K)
+
+    def grads(routing: str) -> dict[str, torch.Tensor | None]:
+        p = tokenizer.soft_assignments(x, routing)  # (N, L, K)
+        loss = (p[:, 1:] * weights[:, 1:]).sum()  # levels >= 2 only
+        names, params = zip(*tokenizer.named_parameters())
+        return dict(zip(names, torch.autograd.grad(loss, params, allow_unused=True)))
+
+    official, full = grads("official"), grads("full")
+    encoder = [n for n in official if n.startswith("encoder.")]
+    assert all(official[n] is None or not official[n].any() for n in encoder)  # the encoder gets nothing
+    assert official["quantizer.codebooks.0"] is None or not official["quantizer.codebooks.0"].any()
+    assert official["quantizer.codebooks.1"].abs().sum() > 0  # level 2 moves its own codebook
+    assert any(full[n] is not None and full[n].abs().sum() > 0 for n in encoder)  # today's routing does
+    torch.testing.assert_close(tokenizer.soft_assignments(x, "official"), tokenizer.soft_assignments(x))  # same values
+
+
+def test_mean_tokenizer_loss_divides_each_term_by_its_width():
+    tokenizer, *_ , x, _, _ = setup()
+    losses = tokenizer(x).losses
+    expected = losses.recon / D + (losses.codebook + 0.25 * losses.commitment) / 4
+    torch.testing.assert_close(tokenizer.loss(x, "mean"), expected)
+    torch.testing.assert_close(tokenizer.loss(x, "sum"), losses.total)

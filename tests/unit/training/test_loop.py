@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from bloger_cli.config import TrainConfig
-from bloger_cli.training.loop import epoch_order, lr_factor
+from bloger_cli.training.sampler import epoch_order
+from bloger_cli.training.schedule import lr_factor
 
 
 @pytest.mark.parametrize("schedule, expected", [
@@ -41,7 +42,8 @@ def two_steps(dropout: float = 0.0) -> list[float]:
     from bloger_cli.recommender.model import Recommender, RecommenderConfig
     from bloger_cli.recommender.vocab import Vocab
     from bloger_cli.training.data import Samples, make_batch
-    from bloger_cli.training.loop import fixed_step, new_state
+    from bloger_cli.training.state import new_state
+    from bloger_cli.training.steps import fixed_step
     from conftest import tiny_train_config
 
     cfg = tiny_train_config(batch_size=4, model={"d_model": 16, "num_layers": 1, "num_heads": 2, "d_kv": 8,
@@ -69,15 +71,50 @@ def test_two_steps_give_the_pinned_losses() -> None:
 
 
 @pytest.mark.parametrize("bilevel, expected", [
-    ({"updates_per_epoch": 1}, [9, 19]),
-    ({"updates_per_epoch": 2}, [4, 9, 14, 19]),
-    ({"updates_per_epoch": 4}, [1, 4, 6, 9, 11, 14, 16, 19]),
+    ({"updates_per_epoch": 1}, [0, 10]),
+    ({"updates_per_epoch": 2}, [0, 5, 10, 15]),
+    ({"updates_per_epoch": 4}, [0, 2, 5, 7, 10, 12, 15, 17]),
     ({"updates_per_epoch": 50}, list(range(20))),  # at most one per step
     ({"tokenizer_every": 3}, [2, 5, 8, 11, 14, 17]),
+    ({"updates_per_epoch": 1, "placement": "end"}, [9, 19]),  # the paper code's placement
+    ({"updates_per_epoch": 2, "placement": "end"}, [4, 9, 14, 19]),
 ])
 def test_meta_steps_are_spread_over_each_epoch(bilevel, expected) -> None:
+    # settle 0: the schedule alone; 3 epochs of 10 steps so the last step of the run is not in range
     from bloger_cli.config import TrainBilevelConfig
-    from bloger_cli.training.loop import update_steps
+    from bloger_cli.training.schedule import Plan
 
-    due = update_steps(TrainBilevelConfig(bilevel=bilevel), steps_per_epoch=10)
-    assert [step for step in range(20) if due(step)] == expected
+    plan = Plan(TrainBilevelConfig(epochs=3, bilevel={"settle_steps": 0, **bilevel}), steps_per_epoch=10)
+    assert [step for step in range(20) if plan.update_due(step, step // 10 + 1, 0.0)] == expected
+
+
+@pytest.mark.parametrize("bilevel, train, expected", [
+    # settle 2: after an update the recommender takes at least 2 steps before a validation (epoch ends)
+    ({"updates_per_epoch": 1, "placement": "end", "settle_steps": 2}, {}, []),
+    ({"tokenizer_every": 1, "settle_steps": 2}, {}, [0, 1, 2, 3, 4, 5, 6, 7, 10, 11, 12, 13, 14, 15, 16, 17]),
+    ({"tokenizer_every": 1, "settle_steps": 4}, {"eval_every_steps": 5}, [0, 5, 10, 15]),
+    ({"updates_per_epoch": 2, "freeze_last": 0.5}, {}, [0, 5, 10]),  # 30 steps: frozen from step 14 on
+    ({"updates_per_epoch": 1, "settle_steps": 2}, {"max_steps": 12}, [0]),  # the run ends after step 11
+])
+def test_no_update_right_before_a_validation_or_in_the_frozen_end(bilevel, train, expected) -> None:
+    from bloger_cli.config import TrainBilevelConfig
+    from bloger_cli.training.schedule import Plan
+
+    plan = Plan(TrainBilevelConfig(epochs=3, bilevel=bilevel, train=train), steps_per_epoch=10)
+    assert [step for step in range(20) if plan.update_due(step, step // 10 + 1, 0.0)] == expected
+
+
+def test_time_budget_drives_the_schedule_and_the_end() -> None:
+    from bloger_cli.config import TrainBilevelConfig
+    from bloger_cli.training.schedule import Plan
+
+    cfg = TrainBilevelConfig(epochs=100, train={"time_budget": "10m", "schedule": "linear"})
+    plan = Plan(cfg, steps_per_epoch=10)
+    assert not plan.finished(5, 599.0) and plan.finished(5, 600.0)
+    assert plan.progress(5, 300.0) == pytest.approx(0.5)
+    assert lr_factor(5, cfg.train, plan.total_steps, plan.time_progress(300.0)) == pytest.approx(0.5)
+
+
+def test_decay_start_holds_the_rate_then_decays() -> None:
+    cfg = TrainConfig(schedule="linear", decay_start=0.5)
+    assert [lr_factor(s, cfg, 10) for s in (0, 4, 5, 6, 10)] == pytest.approx([1.0, 1.0, 1.0, 0.8, 0.0])
