@@ -32,6 +32,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from common import rss_mib
 
@@ -64,12 +65,32 @@ def child(side: str, args: argparse.Namespace) -> dict:
     model = Recommender(config)
     vocab, b, h = config.vocab, args.batch, args.history
     codes = torch.randint(0, k, (b, h + 1, levels))  # history items, then the target
-    input_ids = vocab.tokens(codes[:, :h]).flatten(1)  # (B, H*L')
-    mask = torch.ones_like(input_ids, dtype=torch.bool)
     target = vocab.tokens(codes[:, h])  # (B, L')
     decoder_input_ids = torch.cat([torch.full((b, 1), PAD), target], dim=1)
     labels = torch.cat([target, torch.full((b, 1), EOS)], dim=1)
     probs = torch.softmax(torch.randn(b, h + 1, soft, k), dim=-1)  # the tokenizer's soft assignments
+    # real history lengths (--lengths): our side takes length-grouped batches trimmed to their longest
+    # sample, HF the same samples padded to `history` items as the official code does
+    widths, step_masks = [h] * (args.warmup + args.steps), [None] * (args.warmup + args.steps)
+    if args.lengths:
+        from bloger_cli.training.data import load_split
+        from bloger_cli.training.sampler import epoch_batches
+
+        lengths = load_split(Path(args.lengths), "train").lengths().clamp_max(h)
+        batches = epoch_batches(0, 1, lengths, b, None if side == "hf-dense" else 50)
+        batches = [x for x in batches if len(x) == b][:len(widths)]
+        step_masks = [torch.arange(h)[None, :] < lengths[x][:, None] for x in batches]  # (B, H) items present
+        if side != "hf-dense":
+            widths = [int(lengths[x].max()) for x in batches]
+
+    def step_inputs(i: int) -> tuple:
+        """Token ids and mask of step i: (B, W*L') each, W its width."""
+        w = widths[i]
+        ids = vocab.tokens(codes[:, :w]).flatten(1)
+        present = torch.ones(b, w, dtype=torch.bool) if step_masks[i] is None else step_masks[i][:, :w]
+        return ids, present.repeat_interleave(levels, dim=1)
+    inputs = [step_inputs(i) for i in range(len(widths))]
+    input_ids, mask = inputs[0]
 
     if side == "hf-dense":
         net = to_hf_t5(model).train()
@@ -86,23 +107,23 @@ def child(side: str, args: argparse.Namespace) -> dict:
                 dense_dec[:, level + 1].scatter_(-1, target[:, level:level + 1], 1.0)
         dense_in = dense_in.flatten(1, 2)  # (B, T, V): the tensor the official code builds
 
-        def loss_fn():
+        def loss_fn(i: int):
             table = net.get_input_embeddings().weight
-            return net(inputs_embeds=dense_in @ table, attention_mask=mask.long(),
+            return net(inputs_embeds=dense_in @ table, attention_mask=inputs[i][1].long(),
                        decoder_inputs_embeds=dense_dec @ table, labels=labels).loss
         params = net.parameters()
     else:
         model.train()
-        kw = {} if side.startswith("ours-ids") else {"input_probs": probs[:, :h], "decoder_probs": probs[:, h]}
-
-        def loss_fn():
-            return model(input_ids, mask, decoder_input_ids, labels, **kw).loss
+        def loss_fn(i: int):
+            w = widths[i]
+            kw = {} if side.startswith("ours-ids") else {"input_probs": probs[:, :w], "decoder_probs": probs[:, h]}
+            return model(*inputs[i], decoder_input_ids, labels, **kw).loss
         params = model.parameters()
     optimizer = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
 
-    def step():
+    def step(i: int):
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn()
+        loss = loss_fn(i)
         loss.backward()
         optimizer.step()
         return float(loss)
@@ -111,11 +132,11 @@ def child(side: str, args: argparse.Namespace) -> dict:
         torch.set_default_device(None)
         torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device) / 2**20 if cuda else rss_mib()
-    for _ in range(args.warmup):
-        step()
+    for i in range(args.warmup):
+        step(i)
     started = time.perf_counter()
-    for _ in range(args.steps):
-        step()  # float(loss) waits for the GPU, so the clock sees every step's work
+    for i in range(args.warmup, args.warmup + args.steps):
+        step(i)  # float(loss) waits for the GPU, so the clock sees every step's work
     seconds = time.perf_counter() - started
     if cuda:
         peak = torch.cuda.max_memory_allocated(device) / 2**20
@@ -140,6 +161,8 @@ def main() -> None:
     p.add_argument("--d-ff", type=int, default=1024)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--lengths", help="a workspace's sequences.parquet: real history lengths of its training split "
+                   "(ours: length-grouped, trimmed batches; HF: padded to --history)")
     p.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, of {', '.join(SIDES)}")
     p.add_argument("--side", help=argparse.SUPPRESS)  # child mode
     args = p.parse_args()
@@ -168,6 +191,10 @@ def main() -> None:
         memory = f"{r['peak_mib'] / hf['peak_mib']:.2f}" if hf and hf["peak_mib"] > 0 else "-"
         print(f"{LABELS[r['side']]:36} {r['samples_per_s']:10.1f} {r['step_s']:8.3f} {r['peak_mib']:9.0f} "
               f"{speed:>10} {memory:>11}")
+    ours = next((r for r in rows if r["side"] == "ours-ids"), None)
+    if hf and ours:
+        print(f"ours (token ids{', length-grouped' if args.lengths else ''}) / HF T5 samples/s: "
+              f"{ours['samples_per_s'] / hf['samples_per_s']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -213,6 +213,9 @@ def train_bilevel(
     lam: Annotated[Optional[float], typer.Option("--lambda", help="Weight of the tokenizer loss [0.5].")] = None,
     surgery: Annotated[Optional[str], typer.Option(help="pcgrad | none | official [pcgrad].")] = None,
     updates_per_epoch: Annotated[Optional[int], typer.Option(help="Tokenizer meta steps per epoch [1].")] = None,
+    time_budget: Annotated[Optional[str], typer.Option(
+        help="Stop after this much wall time, e.g. 90s, 20m, 1h30m; the schedule spans it [none].")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps [none].")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run of this workspace.")] = False,
     warm_start: Annotated[Optional[Path], typer.Option(
         help="An earlier workspace or checkpoint whose recommender weights to start from.")] = None,
@@ -224,7 +227,8 @@ def train_bilevel(
 
     options = {"mode": mode, "epochs": epochs, "batch_size": batch_size, "seed": seed, "device": device,
                "train.val_users": val_users, "bilevel.lam": lam, "bilevel.surgery": surgery,
-               "bilevel.updates_per_epoch": updates_per_epoch, "warm_start": warm_start}
+               "bilevel.updates_per_epoch": updates_per_epoch, "warm_start": warm_start,
+               "train.time_budget": time_budget, "train.max_steps": max_steps}
     _stage("train-bilevel", run, workspace, config, options, set_, as_json, force, lock_timeout, resume=resume)
 
 

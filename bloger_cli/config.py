@@ -102,6 +102,9 @@ class PrepareConfig(StrictModel):
     min_user_interactions: int = Field(5, ge=1)
     min_item_interactions: int = Field(5, ge=1)
     max_history: int = Field(20, ge=1, description="items of history per training sample")
+    sample_users: int | None = Field(None, ge=1, description="keep a seeded random sample of this many users "
+                                     "after the k-core (whole histories; for quicker experiments)")
+    sample_seed: int = Field(0, description="seed of sample_users")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
 
     @model_validator(mode="after")

@@ -54,6 +54,7 @@ def decode_ranks(model: Recommender, samples: Samples, codes: Tensor, vocab: Voc
     with Bar(-(-len(samples) // batch_size), description) as bar:
         for start in range(0, len(samples), batch_size):
             part = samples.select(torch.arange(start, min(start + batch_size, len(samples))))
+            part = part.trim(max(1, int(part.lengths().max())))  # the batch's longest history, no more
             batch = make_batch(Samples(*(t.to(device) for t in part)), codes, vocab)
             ranking = recommend(model, batch.input_ids, batch.attention_mask, index, k=k, beam=beam, method=method)
             acc.update(ranking.items.cpu(), part.target)

@@ -111,6 +111,11 @@ def _filter(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig, info: SourceInfo
     if cfg.min_user_interactions < MIN_SEQUENCE:
         _kcore(con, MIN_SEQUENCE, cfg.min_item_interactions, steps)
         n = record(f"users with < {MIN_SEQUENCE} interactions (cannot be split)", n)
+    if cfg.sample_users is not None:
+        # a seeded sample of whole users (hash order, no RNG state): a smaller experiment on the same data
+        con.execute(f"DELETE FROM t WHERE user_key NOT IN (SELECT user_key FROM (SELECT DISTINCT user_key FROM t) "
+                    f"ORDER BY hash(user_key || '/{int(cfg.sample_seed)}'), user_key LIMIT {int(cfg.sample_users)})")
+        n = record(f"users outside a sample of {cfg.sample_users} (seed {cfg.sample_seed})", n)
     if n == 0:
         dropped = "; ".join(f"{r['step']}: -{r['removed']}" for r in log_rows if r["removed"])
         raise DataError(

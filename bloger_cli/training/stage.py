@@ -255,6 +255,8 @@ def _write_outputs(ctx: StageContext, cfg: TrainBilevelConfig, state: TrainState
                    infos: dict[str, ArtifactInfo]) -> None:
     scratch = in_progress_dir(ctx.workspace.root)
     if not (scratch / "best.pt").is_file():  # no validation ever improved (a NaN metric): keep the last
+        log.warning("no validation improved on the run's weights (budget too short, or a metric that is not a "
+                    "number): best.pt holds the last weights")
         last = load_checkpoint(scratch / "last.pt")
         last.pop("metadata")
         save_atomic(last, scratch / "best.pt", ctx.metadata("checkpoint", {"mode": cfg.mode}))

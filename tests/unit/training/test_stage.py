@@ -109,6 +109,10 @@ def test_training_without_semantic_ids_names_the_stage(items64_workspace: Path, 
     (["--epochs", "0"], "epochs"),
     (["--mode", "tiger"], "mode"),
     (["--device", "tpu"], "device"),
+    (["--time-budget", "soon"], "train.time_budget: time budget must be a duration like 90s, 20m or 1h30m "
+                                "(got 'soon')"),
+    (["--time-budget", "0m"], "train.time_budget: time budget must be more than 0 seconds (got '0m')"),
+    (["--max-steps", "0"], "train.max_steps: Input should be greater than or equal to 1 (got 0)"),
 ])
 def test_bad_training_options_are_one_line_usage_errors(cli, tokenized_workspace: Path, args, message) -> None:
     before = sorted(p.name for p in tokenized_workspace.iterdir())

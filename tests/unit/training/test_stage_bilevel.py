@@ -126,8 +126,48 @@ def test_tokenizer_trained_on_other_embeddings_is_refused(rqvae_workspace: Path,
     (["--set", "bilevel.tokenizer_every=0"], "bilevel.tokenizer_every"),
     (["--surgery", "magic"], "bilevel.surgery"),
     (["--updates-per-epoch", "0"], "bilevel.updates_per_epoch"),
+    (["--set", "bilevel.freeze_last=1.5"], "bilevel.freeze_last: freeze_last is the share of the run at its end "
+     "with the tokenizer frozen, 0 <= share < 1 (got 1.5): a freeze of the whole run is --mode fixed"),
+    (["--set", "bilevel.max_churn=0"], "bilevel.max_churn: Input should be greater than 0 (got 0)"),
+    (["--set", "bilevel.max_churn=1.5"], "bilevel.max_churn: Input should be less than or equal to 1 (got 1.5)"),
+    (["--set", "bilevel.meta_batches=0"], "bilevel.meta_batches: Input should be greater than or equal to 1 (got 0)"),
+    (["--set", "bilevel.routing=detached"], "bilevel.routing"),
+    (["--set", "bilevel.tok_loss=median"], "bilevel.tok_loss"),
 ])
 def test_bad_bilevel_options_are_usage_errors(cli, rqvae_workspace: Path, args, message) -> None:
     result = cli("train-bilevel", "-w", rqvae_workspace, *args)
     assert result.exit_code == 2, result.output
     assert message in result.stderr and "Traceback" not in result.output
+
+
+def test_frozen_tokenizer_leaves_churn_at_zero_and_ids_bit_for_bit(rqvae_workspace: Path, train_config) -> None:
+    # re-coding with an unchanged tokenizer: nothing moves, not even a disambiguation code
+    from bloger_cli.training.state import new_state
+    from bloger_cli.training.steps import churn, commit_codes, recode
+
+    cfg = bilevel_config(train_config)
+    ws = Workspace(rqvae_workspace)
+    data, soft = train.load_data(cfg, {k: ws.info(k) for k in ("sequences", "semantic_ids")})
+    tokenizer, data.embeddings = train.load_tokenizer_side(cfg, {k: ws.info(k) for k in ("tokenizer", "embeddings")},
+                                                           len(data.codes))
+    model = train.Recommender(train.RecommenderConfig(levels=data.vocab.levels, codebook_size=16, soft_levels=soft,
+                                                      **cfg.model.model_dump()))
+    state = new_state(model, cfg, 1, tokenizer)
+    before = data.codes.clone()
+    row = commit_codes(state, data, recode(state, data), remember=True)
+    assert torch.equal(data.codes, before) and torch.equal(state.codes_before.long(), before)
+    assert row["churn"] == row["churn_weighted"] == row["churn_valid_targets"] == 0.0
+    assert all(row[f"churn_level{level}"] == 0.0 for level in range(1, data.codes.shape[1] + 1))
+    moved = before.clone()
+    moved[:16, 0] = (moved[:16, 0] + 1) % 16  # a quarter of the 64 items re-coded at level 1
+    assert churn(before, moved, data)["churn_level1"] == 0.25 and churn(before, moved, data)["churn_level2"] == 0.0
+
+
+def test_churn_limit_scales_updates_back(rqvae_workspace: Path, train_config) -> None:
+    ws = Workspace(rqvae_workspace)
+    cfg = bilevel_config(train_config, epochs=2, bilevel={"updates_per_epoch": 1, "tokenizer_lr": 0.05,
+                                                          "max_churn": 0.05, "settle_steps": 0})
+    train.run(cfg, ws)
+    updates = [r for r in pq.read_table(ws.path("history")).to_pylist() if r["event"] == "tokenizer_update"]
+    assert updates and all(r["scale"] < 1.0 for r in updates)  # lr 0.05 moves far more than 5% of items
+    assert all(r["churn"] is None or r["churn"] <= 0.05 for r in updates)
