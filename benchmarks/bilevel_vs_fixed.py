@@ -127,7 +127,7 @@ def summarize(rows: list[dict], split: str, variants: list[str]) -> dict:
                 if all(x is not None for x in values):
                     entry[metric] = interval(values)
             for key in ("mean_churn", "mean_churn_weighted", "level1_density", "level1_entropy", "collision_rate"):
-                if all(key in r for r in got):
+                if all(r.get(key) is not None for r in got):
                     entry[key] = statistics.mean(r[key] for r in got)
             base = {r["seed"]: r for r in by.get("fixed", [])}
             if v != "fixed" and base:

@@ -331,16 +331,17 @@ def runs(
     def render(result: dict[str, Any]) -> None:
         table = Table(title=f"{len(result['runs'])} runs", title_justify="left", box=box.SIMPLE_HEAD)
         columns = (["workspace"] if len(roots) > 1 else []) + [
-            "started", "stage", "status", "mode", "seed", "config", "recall@10", "ndcg@10", "seconds", "run"]
+            "started", "stage", "status", "mode", "seed", "config", "recall@10", "ndcg@10", "churn", "seconds", "run"]
         for col in columns:
-            table.add_column(col, justify="right" if col in ("seed", "recall@10", "ndcg@10", "seconds") else "left")
+            table.add_column(col, justify="right" if col in ("seed", "recall@10", "ndcg@10", "churn", "seconds")
+                             else "left")
         colour = {"done": "green", "failed": "red", "interrupted": "yellow", "running": "cyan", "killed": "red"}
         for r in result["runs"]:
             cells = [escape(c) for c in ([r["workspace"]] if len(roots) > 1 else []) + [
                 (r["started_at"] or "")[5:16], r["stage"], r["status"], r["mode"] or "",
                 "" if r["seed"] is None else str(r["seed"]), (r["config_hash"] or "")[:8],
                 *(f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "" for k in ("recall@10", "ndcg@10")),
-                "" if r["seconds"] is None else f"{r['seconds']:.0f}", r["run_id"].rsplit("-", 1)[-1]]]
+                "" if r.get("churn") is None else f"{r['churn']:.3f}", "" if r["seconds"] is None else f"{r['seconds']:.0f}", r["run_id"].rsplit("-", 1)[-1]]]
             status_at = 3 if len(roots) > 1 else 2
             cells[status_at] = f"[{colour.get(r['status'], 'white')}]{cells[status_at]}[/]"
             table.add_row(*cells)

@@ -60,6 +60,7 @@ def list_runs(workspaces: list[Path], *, stage: str | None = None, mode: str | N
                 "config_hash": run.config_hash, "metrics": _metrics(run.stage, run.result),
                 "started_at": run.started_at.isoformat(sep=" ", timespec="seconds") if run.started_at else None,
                 "seconds": round(seconds, 1) if seconds is not None else None, "error": run.error,
+                "churn": run.result.get("mean_churn"),  # bilevel: mean share of items re-coded per update
             })
     rows.sort(key=lambda r: r["started_at"] or "", reverse=True)
     return rows

@@ -232,9 +232,9 @@ def _train(ctx: StageContext | None, cfg: TrainBilevelConfig, infos: dict[str, A
         "tokenizer_updates": len(updates) if cfg.mode == "bilevel" else state.step,
         **({k: updates[-1][k] for k in ("collision_rate", "level1_density", "level1_entropy", "conflict_fraction")
             if k in updates[-1]} if updates else {}),
-        **({"mean_churn": float(np.mean([r["churn"] for r in recoded])),
-            "mean_churn_weighted": float(np.mean([r.get("churn_weighted", r["churn"]) for r in recoded])),
-            "updates_skipped": len(updates) - len(recoded)} if updates else {}),
+        **({"mean_churn": float(np.mean([r["churn"] for r in recoded])) if recoded else None,
+            "mean_churn_weighted": float(np.mean([r.get("churn_weighted", r["churn"]) for r in recoded]))
+            if recoded else None, "updates_skipped": len(updates) - len(recoded)} if updates else {}),
     }
     return {
         "mode": cfg.mode, "epochs_run": state.epoch, "best_epoch": state.best_epoch, "best_step": state.best_step,

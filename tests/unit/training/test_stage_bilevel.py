@@ -171,3 +171,8 @@ def test_churn_limit_scales_updates_back(rqvae_workspace: Path, train_config) ->
     updates = [r for r in pq.read_table(ws.path("history")).to_pylist() if r["event"] == "tokenizer_update"]
     assert updates and all(r["scale"] < 1.0 for r in updates)  # lr 0.05 moves far more than 5% of items
     assert all(r["churn"] is None or r["churn"] <= 0.05 for r in updates)
+    from bloger_cli.runs import list_runs
+
+    run = next(r for r in list_runs([rqvae_workspace]) if r["stage"] == "train-bilevel")
+    recoded = [r["churn"] for r in updates if r["churn"] is not None]
+    assert run["churn"] == pytest.approx(sum(recoded) / len(recoded) if recoded else None)  # shown by `bloger runs`
