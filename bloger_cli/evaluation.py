@@ -51,6 +51,8 @@ def decode_ranks(model: Recommender, samples: Samples, codes: Tensor, vocab: Voc
         beam, k = clamp_beam(beam, k, index.num_items)
     codes = codes.to(device)
     acc = MetricAccumulator()
+    order = torch.argsort(samples.lengths(), stable=True)  # users of similar history length share a batch
+    samples = samples.select(order)
     with Bar(-(-len(samples) // batch_size), description) as bar:
         for start in range(0, len(samples), batch_size):
             part = samples.select(torch.arange(start, min(start + batch_size, len(samples))))
@@ -60,7 +62,9 @@ def decode_ranks(model: Recommender, samples: Samples, codes: Tensor, vocab: Voc
             acc.update(ranking.items.cpu(), part.target)
             bar.advance()
     model.train(was_training)
-    return acc.rank
+    rank = torch.empty_like(acc.rank)
+    rank[order] = acc.rank  # back to the samples' order
+    return rank
 
 
 def run(cfg: EvaluateConfig, ws: Workspace, *, force: bool = False, lock_timeout: float = 60.0) -> StageResult:

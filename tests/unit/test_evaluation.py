@@ -99,3 +99,27 @@ def test_evaluate_in_a_copied_workspace(trained_workspace: Path, tmp_path: Path)
     copy = tmp_path / "copy"
     shutil.copytree(trained_workspace, copy)
     assert run(EvaluateConfig(device="cpu"), Workspace(copy)).result["users"] == 100
+
+
+def test_decode_ranks_come_back_in_the_samples_order(trained_workspace: Path) -> None:
+    # users are decoded grouped by history length; the ranks must still line up with the samples
+    import torch
+
+    from bloger_cli.evaluation import decode_ranks
+    from bloger_cli.recommender.decoding import PrefixIndex
+    from bloger_cli.training.checkpoint import build_model, load_checkpoint
+    from bloger_cli.training.data import load_split
+
+    ws = Workspace(trained_workspace)
+    ckpt = load_checkpoint(ws.path("checkpoint"))
+    model, codes = build_model(ckpt, ws.path("checkpoint")), ckpt["codes"].long()
+    samples = load_split(ws.path("sequences"), "test")
+    index = PrefixIndex.build(codes, torch.arange(len(codes)), model.config.codebook_size)
+
+    def ranks(s):
+        return decode_ranks(model, s, codes, model.config.vocab, index, k=10, beam=10, method="beam", batch_size=7,
+                            device=torch.device("cpu"))
+    perm = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ranks(samples)[perm], ranks(samples.select(perm)))
+    one_by_one = torch.cat([ranks(samples.select(torch.tensor([i]))) for i in range(len(samples))])
+    assert torch.equal(ranks(samples), one_by_one)  # a user's rank does not depend on its batch
