@@ -16,12 +16,16 @@ import pyarrow.parquet as pq
 
 from bloger_cli.artifacts import temp_path_for
 from bloger_cli.errors import ConfigError
-from bloger_cli.export import resolve_format
+from bloger_cli.export import SUFFIXES
 
 
 def check_output(path: Path, force: bool, option: str = "--out") -> str:
     """The output's format; refuses a missing directory, a directory, and an existing file without force."""
-    fmt = resolve_format(path, None, option)
+    fmt = SUFFIXES.get(path.suffix.lower())
+    if fmt is None:
+        said = f"suffix {path.suffix!r}" if path.suffix else "no suffix"
+        raise ConfigError(f"{option} {path}: cannot tell the format from {said}",
+                          hint="end the name in .parquet, .csv or .jsonl")
     if not path.parent.is_dir():
         raise ConfigError(f"{option} {path}: directory {path.parent} does not exist",
                           hint=f"create it first (mkdir -p {path.parent})")

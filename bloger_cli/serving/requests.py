@@ -17,8 +17,6 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.json as pajson
-import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
@@ -133,34 +131,48 @@ def new_histories(path: Path, item_keys: pa.Array, max_history: int) -> Requests
     return Requests(pc.cast(table.column("user_key").combine_chunks(), pa.string()), last, seen, notes)
 
 
+_READERS = {".parquet": "read_parquet({})", ".pq": "read_parquet({})",
+            ".jsonl": "read_json({}, format = 'newline_delimited')",
+            ".ndjson": "read_json({}, format = 'newline_delimited')"}
+
+
 def _read_histories(path: Path) -> pa.Table:
+    """user_key string, items list<string> from Parquet or JSONL; keys of any type (numbers in JSON, a
+    mix of numbers and strings) become their text."""
     if not path.is_file():
         raise DataError(f"--histories {path}: file not found",
                         hint="give a Parquet or JSONL file of user_key, items: [item_key, ...]")
     suffix = path.suffix.lower()
-    try:
-        if suffix in (".parquet", ".pq"):
-            table = pq.read_table(path)
-        elif suffix in (".jsonl", ".ndjson", ".json"):
-            table = pajson.read_json(path)
-        else:
-            raise ConfigError(f"--histories {path}: cannot tell the format from suffix {path.suffix!r}",
-                              hint="end the name in .parquet or .jsonl")
-    except (pa.ArrowInvalid, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"--histories {path}: not a readable {suffix.lstrip('.')} file ({first})") from None
-    missing = [c for c in HISTORY_COLUMNS if c not in table.column_names]
-    if missing:
-        raise DataError(f"--histories {path}: missing column{'s' if len(missing) > 1 else ''} "
-                        f"{', '.join(map(repr, missing))} (columns are {', '.join(table.column_names) or 'none'})",
-                        hint="give user_key and items: [item_key, ...] per row")
-    if not pa.types.is_list(table.schema.field("items").type) and \
-            not pa.types.is_large_list(table.schema.field("items").type):
-        raise DataError(f"--histories {path}: column 'items' has type {table.schema.field('items').type}, "
-                        f"expected a list of item keys")
-    if table.column("user_key").null_count:
-        raise DataError(f"--histories {path}: {table.column('user_key').null_count} row(s) without a user_key")
+    if suffix not in _READERS:
+        raise ConfigError(f"--histories {path}: cannot tell the format from suffix {path.suffix!r}",
+                          hint="end the name in .parquet or .jsonl")
+    with duckdb.connect() as con:
+        try:
+            source = con.sql(f"SELECT * FROM {_READERS[suffix].format(_sql(path))}")
+        except duckdb.Error as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataError(f"--histories {path}: not a readable {suffix.lstrip('.')} file ({first})") from None
+        types = dict(zip(source.columns, (str(t) for t in source.types)))
+        missing = [c for c in HISTORY_COLUMNS if c not in types]
+        if missing:
+            raise DataError(f"--histories {path}: missing column{'s' if len(missing) > 1 else ''} "
+                            f"{', '.join(map(repr, missing))} (columns are {', '.join(types) or 'none'})",
+                            hint="give user_key and items: [item_key, ...] per row")
+        if not types["items"].endswith("[]"):
+            raise DataError(f"--histories {path}: column 'items' has type {types['items']}, expected a list of "
+                            f"item keys")
+        text = "json_extract_string(x, '$')" if types["items"] == "JSON[]" else "CAST(x AS VARCHAR)"
+        key = "json_extract_string(user_key, '$')" if types["user_key"] == "JSON" else "CAST(user_key AS VARCHAR)"
+        table = con.sql(f"SELECT {key} AS user_key, list_transform(items, lambda x: {text}) AS items "
+                        f"FROM source").to_arrow_table()
+    nulls = table.column("user_key").null_count
+    if nulls:
+        raise DataError(f"--histories {path}: {nulls} row(s) without a user_key")
     return table
+
+
+def _sql(value: object) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
 
 
 def _last(lists: pa.ListArray, width: int) -> Tensor:

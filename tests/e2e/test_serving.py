@@ -251,3 +251,19 @@ def test_model_file_needs_histories(cli, tmp_path: Path) -> None:
     result = cli("recommend", "--model", tmp_path / "m.pt", "--out", tmp_path / "r.csv")
     assert result.exit_code == 2
     assert "model (--model FILE) holds no user histories: give histories (--histories)" in result.stderr
+
+
+def test_bilevel_run_serves_and_exports_its_trained_ids(cli, rqvae_workspace: Path, train_config,
+                                                        tmp_path: Path) -> None:
+    from bloger_cli.training import stage as train
+    from bloger_cli.training.data import read_codes
+    from bloger_cli.workspace import Workspace
+
+    train.run(train_config(mode="bilevel", epochs=1), Workspace(rqvae_workspace))
+    trained, _ = read_codes(rqvae_workspace / "trained_semantic_ids.parquet")
+    model = tmp_path / "model.pt"
+    ok(cli("export-model", "-w", rqvae_workspace, "--out", model, "--json"))
+    assert torch.equal(torch.load(model, weights_only=True)["codes"].long(), trained)
+    out = tmp_path / "recs.csv"
+    result = ok(cli("recommend", "-w", rqvae_workspace, "--out", out, "--k", "5", "--json"))
+    assert (result["mode"], result["users"], result["rows"]) == ("bilevel", 100, 500)
