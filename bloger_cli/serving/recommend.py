@@ -1,10 +1,10 @@
 """`bloger recommend`: the top-K items per user from a trained model, streamed to Parquet, CSV or JSONL.
 
 Decoding is `evaluation.rank_histories`, the decoder `evaluate` scores, so `--as-of test
---no-exclude-seen` reproduces evaluate's rankings exactly. With `--exclude-seen` (default) each batch
-decodes K + (the most items a user of the batch has) candidates, with a beam at least that wide, and
-drops the seen ones: K remain whenever the catalog has K unseen items. A history with no known item
-gets the most popular items (by interactions), with an empty score.
+--no-exclude-seen` reproduces evaluate's rankings exactly. With `--exclude-seen` (default) each user
+gets K + (their seen items) candidates, from a beam at least that wide, and the seen ones are dropped:
+K remain whenever the catalog has K unseen items. A history with no known item gets the most popular
+items (by interactions), with an empty score.
 
 Output rows: user_key, rank (1..K), item_key, score (the summed log-probability of the item's codes;
 null for popularity rows), and title with --with-titles when the items have one.
@@ -25,6 +25,7 @@ from bloger_cli.errors import ConfigError
 from bloger_cli.evaluation import rank_histories
 from bloger_cli.progress import Bar
 from bloger_cli.recommender.decoding import PrefixIndex
+from bloger_cli.recommender.model import Recommender
 from bloger_cli.serving.bundle import Served, from_file, from_workspace
 from bloger_cli.serving.config import RecommendConfig
 from bloger_cli.serving.output import RowWriter, check_output
@@ -85,21 +86,38 @@ def _serve(served: Served, requests: Requests, cfg: RecommendConfig, writer: Row
         for start in range(0, len(requests), cfg.batch_size):
             stop = min(start + cfg.batch_size, len(requests))
             seen = requests.seen.slice(start, stop - start)
-            extra = int(np.diff(seen.offsets.to_numpy()).max(initial=0)) if cfg.exclude_seen else 0
-            wanted = min(cfg.k + extra, n)  # candidates to decode so that k remain after dropping seen ones
-            history = requests.history[start:stop]  # (B, H)
-            known = (history >= 0).any(dim=1)  # (B,) False: no known item, the popularity fallback
-            items = popular[:wanted].repeat(len(history), 1)  # (B, wanted)
-            scores = torch.full(items.shape, float("nan"))  # (B, wanted) NaN: not scored by the model
-            if known.any():
-                ranking = rank_histories(model, history[known].to(device), codes, vocab, index, k=wanted,
-                                         beam=max(beam, wanted), method=cfg.decode)
-                items[known], scores[known] = ranking.items.cpu(), ranking.scores.cpu().float()
+            items, scores = _decode(model, requests.history[start:stop], seen, codes, index, popular, cfg, beam)
             if cfg.exclude_seen:
                 items, scores = drop_seen(items, scores, seen, n)
             writer.write(_rows(requests.user_keys.slice(start, stop - start), items[:, :cfg.k],
                                scores[:, :cfg.k], served.item_keys, titles))
             bar.advance()
+
+
+def _decode(model: Recommender, history: Tensor, seen: pa.ListArray, codes: Tensor, index: PrefixIndex,
+            popular: Tensor, cfg: RecommendConfig, beam: int) -> tuple[Tensor, Tensor]:
+    """Candidates (B, W) and scores for a batch of histories (B, H), best first, -1 / NaN past the end.
+
+    With --exclude-seen a user needs K + (their seen items) candidates for K to remain; users are
+    decoded in groups of the same power-of-two width, so one long history does not widen everyone's
+    beam. Histories with no known item get the popularity order, with NaN scores.
+    """
+    n = index.num_items
+    needed = np.full(len(history), cfg.k)
+    if cfg.exclude_seen:
+        needed += np.diff(seen.offsets.to_numpy())
+    width = np.minimum(2 ** np.ceil(np.log2(np.maximum(needed, 1))).astype(np.int64), n)  # (B,)
+    known = (history >= 0).any(dim=1).numpy()  # (B,) False: no known item, the popularity fallback
+    items = torch.full((len(history), int(width.max())), -1, dtype=torch.long)  # (B, W)
+    scores = torch.full(items.shape, float("nan"))  # (B, W) NaN: not scored by the model
+    rows = np.flatnonzero(~known)
+    items[rows, :] = popular[:items.shape[1]].expand(len(rows), -1)
+    for w in np.unique(width[known]):
+        rows = torch.from_numpy(np.flatnonzero(known & (width == w)))
+        ranking = rank_histories(model, history[rows].to(codes.device), codes, model.config.vocab, index,
+                                 k=int(w), beam=max(beam, int(w)), method=cfg.decode)
+        items[rows, :w], scores[rows, :w] = ranking.items.cpu(), ranking.scores.cpu().float()
+    return items, scores
 
 
 def drop_seen(items: Tensor, scores: Tensor, seen: pa.ListArray, num_items: int) -> tuple[Tensor, Tensor]:
