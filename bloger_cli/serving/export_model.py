@@ -51,7 +51,8 @@ def run(cfg: ExportModelConfig, ws: Workspace, *, force: bool = False) -> dict[s
             shutil.rmtree(tmp)
         tmp.unlink(missing_ok=True)
     c = served.model.config
-    size = sum(f.stat().st_size for f in cfg.out.rglob("*") if f.is_file()) if cfg.out.is_dir() else cfg.out.stat().st_size
+    files = [f for f in cfg.out.rglob("*") if f.is_file()] if cfg.out.is_dir() else [cfg.out]
+    size = sum(f.stat().st_size for f in files)
     log.info("exported %s (%d items) to %s", served.source, served.num_items, cfg.out)
     return {"out": str(cfg.out), "format": cfg.format, "source": served.source, "mode": served.mode,
             "items": served.num_items, "levels": c.levels, "codebook_size": c.codebook_size,
