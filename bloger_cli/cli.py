@@ -88,7 +88,7 @@ def main_options(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors; no progress bars.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Debug logs and full tracebacks.")] = False,
 ) -> None:
-    """Stages: prepare -> embed -> tokenize -> train-bilevel -> evaluate -> export-ids."""
+    """Stages: prepare -> embed -> tokenize -> train-bilevel -> evaluate -> export-ids; then recommend, export-model."""
     _state["debug"] = debug
     quiet = quiet or int(os.environ.get("RANK", "0")) > 0  # under torchrun, rank 0 alone speaks
     progress.set_quiet(quiet)
@@ -356,3 +356,6 @@ def runs(
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+from bloger_cli.serving import commands as _serving_commands  # noqa: E402,F401  registers recommend, export-model

@@ -24,7 +24,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-STAGES = ("prepare", "embed", "tokenize", "train-bilevel", "evaluate", "export-ids")
+STAGES = ("prepare", "embed", "tokenize", "train-bilevel", "evaluate", "export-ids", "recommend", "export-model")
 
 
 class StrictModel(BaseModel):
@@ -384,6 +384,11 @@ STAGE_CONFIGS: dict[str, type[StrictModel]] = {
     "prepare": PrepareConfig, "embed": EmbedConfig, "tokenize": TokenizeConfig,
     "train-bilevel": TrainBilevelConfig, "evaluate": EvaluateConfig, "export-ids": ExportConfig,
 }
+
+# The serving commands' configs live beside their code; they build on StrictModel, defined above.
+from bloger_cli.serving.config import ExportModelConfig, RecommendConfig  # noqa: E402
+
+STAGE_CONFIGS.update({"recommend": RecommendConfig, "export-model": ExportModelConfig})
 
 
 def config_hash(config: BaseModel) -> str:

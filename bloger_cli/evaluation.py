@@ -16,12 +16,12 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from bloger_cli.artifacts import SPECS, file_hash, write_arrow
+from bloger_cli.artifacts import SPECS, ArtifactInfo, file_hash, write_arrow
 from bloger_cli.config import EvaluateConfig
 from bloger_cli.errors import ArtifactError
 from bloger_cli.metrics import MetricAccumulator, popularity_ranking, ranks, summarize
 from bloger_cli.progress import Bar
-from bloger_cli.recommender.decoding import PrefixIndex, recommend
+from bloger_cli.recommender.decoding import PrefixIndex, Ranking, recommend
 from bloger_cli.recommender.model import Recommender
 from bloger_cli.recommender.vocab import Vocab
 from bloger_cli.training.data import Samples, load_split, make_batch, training_items
@@ -41,6 +41,19 @@ def clamp_beam(beam: int, k: int, num_items: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
+def rank_histories(model: Recommender, history: Tensor, codes: Tensor, vocab: Vocab, index: PrefixIndex, *,
+                   k: int, beam: int, method: str) -> Ranking:
+    """The model's top-k items for each history (B, H) of item ids (-1 = padding), on the model's device.
+
+    The one decoder behind `evaluate` (which scores the ranking) and `recommend` (which serves it), so
+    both rank a given history identically. The caller sets eval mode and clamps the beam.
+    """
+    unused = torch.zeros(len(history), dtype=torch.long, device=history.device)  # (B,) no target needed
+    batch = make_batch(Samples(unused, history, unused), codes, vocab)
+    return recommend(model, batch.input_ids, batch.attention_mask, index, k=k, beam=beam, method=method)
+
+
+@torch.no_grad()
 def decode_ranks(model: Recommender, samples: Samples, codes: Tensor, vocab: Vocab, index: PrefixIndex, *,
                  k: int, beam: int, method: str, batch_size: int, device: torch.device,
                  description: str = "decoding") -> Tensor:
@@ -57,14 +70,25 @@ def decode_ranks(model: Recommender, samples: Samples, codes: Tensor, vocab: Voc
         for start in range(0, len(samples), batch_size):
             part = samples.select(torch.arange(start, min(start + batch_size, len(samples))))
             part = part.trim(max(1, int(part.lengths().max())))  # the batch's longest history, no more
-            batch = make_batch(Samples(*(t.to(device) for t in part)), codes, vocab)
-            ranking = recommend(model, batch.input_ids, batch.attention_mask, index, k=k, beam=beam, method=method)
+            ranking = rank_histories(model, part.history.to(device), codes, vocab, index, k=k, beam=beam,
+                                     method=method)
             acc.update(ranking.items.cpu(), part.target)
             bar.advance()
     model.train(was_training)
     rank = torch.empty_like(acc.rank)
     rank[order] = acc.rank  # back to the samples' order
     return rank
+
+
+def check_trained_on(ckpt: dict[str, Any], path: Path, sequences: ArtifactInfo) -> None:
+    """A checkpoint only fits the workspace whose sequences it was trained on: item ids mean other items
+    in another workspace, or after `prepare` re-ran."""
+    trained_on = ckpt["inputs"].get("artifact:sequences")
+    if trained_on != sequences.content_hash:
+        raise ArtifactError(
+            f"checkpoint {path} was trained on other sequences (recorded {trained_on}, "
+            f"{sequences.path} is {sequences.content_hash}): another workspace, or prepare was re-run",
+            hint="use it in its own workspace, or re-run `bloger train-bilevel` here")
 
 
 def run(cfg: EvaluateConfig, ws: Workspace, *, force: bool = False, lock_timeout: float = 60.0) -> StageResult:
@@ -74,12 +98,7 @@ def run(cfg: EvaluateConfig, ws: Workspace, *, force: bool = False, lock_timeout
     sequences = ws.inputs("sequences")["sequences"]
     path = Path(cfg.checkpoint) if cfg.checkpoint is not None else ws.path("checkpoint")
     ckpt = load_checkpoint(path)
-    trained_on = ckpt["inputs"].get("artifact:sequences")
-    if trained_on != sequences.content_hash:
-        raise ArtifactError(
-            f"checkpoint {path} was trained on other sequences (recorded {trained_on}, "
-            f"{sequences.path} is {sequences.content_hash}): another workspace, or prepare was re-run",
-            hint="evaluate it in its own workspace, or re-run `bloger train-bilevel` here")
+    check_trained_on(ckpt, path, sequences)
     own = path.resolve() == ws.path("checkpoint").resolve()
     inputs = {"artifact:sequences": sequences.content_hash,
               **({"artifact:checkpoint": file_hash(path)} if own else {f"file:{path}": raw_fingerprint(path)})}

@@ -9,8 +9,10 @@
 # CONFIG's [prepare] section reads the raw files your pipeline appends to (e.g. source = "table").
 # Each run: prepare (the new interactions) -> embed (the cache encodes only new or changed item text)
 # -> tokenize and train-bilevel, both --warm-start from the last run's tokenizer and model (kept in
-# WORKSPACE/previous/) -> evaluate -> export-ids --compare with the last run's IDs. The first run, with
-# no earlier model, trains from scratch.
+# WORKSPACE/previous/) -> evaluate -> export-ids --compare with the last run's IDs -> recommend: every
+# user's next items with the new model, to RECS (default WORKSPACE/recommendations.parquet; replaced
+# atomically, so readers see yesterday's file until today's is complete). The first run, with no
+# earlier model, trains from scratch. CONFIG's [recommend] section can set k, exclude_seen, ...
 #
 # Exit codes: 0 done; 75 another run of this script holds the lock (try later); else the failing
 # stage's code (1 data, 2 config, 3 workspace busy, 130 interrupted: rerun, or `train-bilevel --resume`).
@@ -22,6 +24,7 @@ if [ $# -lt 2 ]; then
   exit 2
 fi
 config=$1 ws=${2%/} log=${3:-${2%/}.retrain.log}
+recs=${RECS:-$ws/recommendations.parquet}
 mkdir -p "$(dirname "$log")" "$ws"
 
 exec 9>"$ws.retrain.lock"
@@ -68,4 +71,5 @@ if [ ${#warm[@]} -gt 0 ]; then
 else
   stage export-ids --from train --out "$ws/ids.parquet"
 fi
+stage recommend --out "$recs" --force
 echo "=== $(date -u +%Y-%m-%dT%H:%M:%SZ) retrain $ws done"

@@ -1,6 +1,7 @@
 """examples/cron/retrain.sh run twice, as a scheduler would, with new items arriving in between: the
 second run reuses the cached embeddings, starts from the first run's tokenizer and model, covers the
-new items and reports the share of items whose IDs changed; a run that finds the lock taken exits 75."""
+new items and reports the share of items whose IDs changed, and each run ends with every user's
+recommendations; a run that finds the lock taken exits 75."""
 
 from __future__ import annotations
 
@@ -113,6 +114,7 @@ def test_retraining_twice_with_new_items(tmp_path: Path) -> None:
     assert first.stderr == ""
     first_items = last_result(ws, "embed")[1]["embedded"]
     assert not (ws / "previous").exists()  # nothing to warm-start from
+    check_recommendations(ws)
 
     write_day(raw, range(0, 50), range(100, 200), 40, rng)  # 10 new items, 80 new users
     second = run(config, ws, log)
@@ -128,8 +130,20 @@ def test_retraining_twice_with_new_items(tmp_path: Path) -> None:
     _, export = last_result(ws, "export-ids")
     assert export["compare_common"] == first_items and export["compare_added"] == 10
     assert 0.0 <= export["compare_changed_share"] <= 1.0
+    check_recommendations(ws)  # the 80 new users too
     text = log.read_text()
     assert text.count("=== ") == 4 and text.count(" done\n") == 2  # two runs, each start and end logged
+
+
+def check_recommendations(ws: Path) -> None:
+    """WORKSPACE/recommendations.parquet: 10 items for every user of the workspace, none already seen."""
+    recs = pq.read_table(ws / "recommendations.parquet").to_pylist()
+    users = pq.read_table(ws / "users.parquet").sort_by("user_id").column("user_key").to_pylist()
+    items = pq.read_table(ws / "items.parquet").sort_by("item_id").column("item_key").to_pylist()
+    assert len(recs) == 10 * len(users) and {r["user_key"] for r in recs} == set(users)
+    seen = {(users[row["user_id"]], items[i]) for row in pq.read_table(ws / "sequences.parquet").to_pylist()
+            for i in row["items"]}
+    assert not {(r["user_key"], r["item_key"]) for r in recs} & seen
 
 
 def test_a_second_job_while_one_runs_exits_75(tmp_path: Path) -> None:

@@ -291,7 +291,7 @@ def test_unknown_section_in_config_file(cli, ws, tiny_letter, tmp_path):
     run_bad(cli, ws, "--input", tiny_letter, "-c", cfg, exit_code=2,
             stderr=f"error: config file {cfg}: unknown section(s) 'prepar'\n"
                    "  hint: sections are the stage names: prepare, embed, tokenize, train-bilevel, evaluate, "
-                   "export-ids\n")
+                   "export-ids, recommend, export-model\n")
 
 
 def test_stage_section_that_is_not_a_table(cli, ws, tiny_letter, tmp_path):
