@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from bloger_cli.config import Device, StrictModel
+from bloger_cli.config_base import Device, StrictModel
 
 
 class RecommendConfig(StrictModel):

@@ -1,0 +1,35 @@
+"""The floor every config stands on: `StrictModel` (unknown keys are errors, "none" turns an optional
+setting off) and the device choice. Stage configs live in bloger_cli/config.py and beside their code."""
+
+from __future__ import annotations
+
+import typing
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+Device = Literal["auto", "cpu", "cuda", "mps"]
+
+
+class StrictModel(BaseModel):
+    """Base for every config: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+    # Paths of files the stage reads, which its catalog inputs already identify (`file:PATH` with a
+    # fingerprint): left out of the config hash, so that data moved to another place gives outputs
+    # byte for byte the same and the stages downstream stay up to date.
+    unhashed: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _none_from_text(cls, data: Any) -> Any:
+        """TOML has no null: "none" turns an optional setting off (`--set train.clip_norm=none`)."""
+        if not isinstance(data, dict):
+            return data
+        optional = {name for name, f in cls.model_fields.items() if not f.is_required() and _allows_none(f)}
+        return {k: None if k in optional and isinstance(v, str) and v.lower() in ("none", "null") else v
+                for k, v in data.items()}
+
+
+def _allows_none(field: Any) -> bool:
+    return type(None) in typing.get_args(field.annotation) or field.annotation is type(None)
