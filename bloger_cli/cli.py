@@ -88,7 +88,7 @@ def main_options(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors; no progress bars.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Debug logs and full tracebacks.")] = False,
 ) -> None:
-    """Stages: prepare -> embed -> tokenize -> train-bilevel -> evaluate -> export-ids."""
+    """Stages: prepare -> embed -> tokenize -> train-bilevel -> evaluate -> export-ids; baseline, runs, report."""
     _state["debug"] = debug
     quiet = quiet or int(os.environ.get("RANK", "0")) > 0  # under torchrun, rank 0 alone speaks
     progress.set_quiet(quiet)
@@ -250,6 +250,32 @@ def evaluate(
     options = dict(checkpoint=checkpoint, split=split, k=k, beam=beam, decode=decode, batch_size=batch_size,
                    device=device)
     _stage("evaluate", run, workspace, config, options, set_, as_json, force, lock_timeout)
+
+
+@app.command()
+def baseline(
+    workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+    lock_timeout: LockOpt = 60.0,
+    model: Annotated[Optional[str], typer.Option("--model", help="sasrec | popularity [sasrec].")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Maximum SASRec epochs [200].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Training samples per step [256].")] = None,
+    patience: Annotated[Optional[int], typer.Option(help="Epochs without a better validation NDCG@10 [10].")] = None,
+    k: Annotated[Optional[str], typer.Option("--k", help="Cut-offs, comma-separated [1,5,10,20].")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed [42].")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | mps.")] = None,
+) -> None:
+    """Train and test a baseline (SASRec, or popularity) on the workspace's own split and metrics.
+
+    SASRec settings via --set sasrec.X (layers, heads, hidden, inner, dropout, lr, weight_decay)."""
+    from bloger_cli.baseline.stage import run
+
+    options = dict(model=model, epochs=epochs, batch_size=batch_size, patience=patience, k=k, seed=seed,
+                   device=device)
+    _stage("baseline", run, workspace, config, options, set_, as_json, force, lock_timeout)
 
 
 @app.command("export-ids")

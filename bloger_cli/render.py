@@ -89,16 +89,36 @@ def render_evaluate(out: dict[str, Any]) -> None:
     r = out["result"]
     table = Table(title=f"{r['split']} metrics ({r['users']:,} users, {r['items']:,} items, item-level, "
                         f"{r['decode']} decoding)", title_justify="left")
-    for col in ("K", "recall", "ndcg", "popularity recall", "popularity ndcg"):
+    best = r.get("baseline")  # the best `bloger baseline` run of the workspace, when there is one
+    for col in ("K", "recall", "ndcg", "popularity recall", "popularity ndcg",
+                *((f"{best['model']} recall", f"{best['model']} ndcg") if best else ())):
         table.add_column(col, justify="right")
     ks = [name.split("@")[1] for name in r["metrics"] if name.startswith("recall@")]
     for k in ks:
+        extra = [f"{best['metrics'][f'{m}@{k}']:.4f}" if f"{m}@{k}" in best["metrics"] else "—"
+                 for m in ("recall", "ndcg")] if best else []
         table.add_row(k, *(f"{values[f'{m}@{k}']:.4f}" for values in (r["metrics"], r["popularity"])
-                           for m in ("recall", "ndcg")))
+                           for m in ("recall", "ndcg")), *extra)
+    err.print(table)
+
+
+def render_baseline(out: dict[str, Any]) -> None:
+    """The run's facts, then one row per cut-off K."""
+    render_generic(out)
+    r = out["result"]
+    table = Table(title=f"{r['model']}: test metrics ({r['users']:,} users, {r['items']:,} items, item-level, "
+                        "full ranking)", title_justify="left")
+    for col in ("K", "recall", "ndcg"):
+        table.add_column(col, justify="right")
+    for name, value in r["metrics"].items():
+        if name.startswith("recall@"):
+            k = name.split("@")[1]
+            table.add_row(k, f"{value:.4f}", f"{r['metrics'][f'ndcg@{k}']:.4f}")
     err.print(table)
 
 
 RENDERERS: dict[str, Callable[[dict[str, Any]], None]] = {
     "prepare": render_prepare, "embed": render_generic, "tokenize": render_tokenize,
     "train-bilevel": render_generic, "evaluate": render_evaluate, "export-ids": render_generic,
+    "baseline": render_baseline,
 }
