@@ -374,6 +374,39 @@ def runs(
     emit({"workspaces": [str(r) for r in roots], "runs": rows}, as_json, render)
 
 
+@app.command()
+def report(
+    workspace: Annotated[Optional[list[Path]], typer.Option(
+        "--workspace", "-w", envvar="BLOGER_WORKSPACE",
+        help="Workspace whose runs to report (repeatable: several side by side).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory [WORKSPACE/report].")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Title (and the results file's name).")] = None,
+    results: Annotated[Optional[Path], typer.Option(
+        help="Also write RESULTS/NAME.md and .json, the reproduction results file of `make -C pipelines`.")] = None,
+    train_flags: Annotated[Optional[str], typer.Option(help="TRAIN_FLAGS the runs were made with, to record.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Write into an output directory that exists.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write an HTML report with figures: training curves, tokenizer updates, codebook usage, test metrics
+    of every run and baseline (mean ± 95% interval over seeds), and the configs that differ. Needs the
+    plot extra: pip install 'bloger[plot]'."""
+    from bloger_cli.report import run
+
+    roots = workspace or [DEFAULT_WORKSPACE]
+    options = dict(out=out or roots[0] / "report", name=name, results=results, train_flags=train_flags)
+    result = run(resolve_config("report", config, options, set_), roots, force=force)
+
+    def render(r: dict[str, Any]) -> None:
+        for note in r["notes"]:
+            err.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
+        err.print(f"report: {r['report']} ({len(r['runs'])} runs, {len(r['figures'])} figures)", highlight=False,
+                  soft_wrap=True)
+
+    emit(result, as_json, render)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
