@@ -39,15 +39,15 @@ def run(cfg: ReportConfig, roots: list[Path], *, force: bool = False) -> dict[st
     for run in runs:
         notes.extend(run.notes)
     figures = {}
-    for name, (caption, draw) in FIGURES.items():
+    for name, (title, caption, draw) in FIGURES.items():
         png = draw(runs, notes)
         if png is not None:
-            figures[name] = (caption, png)
+            figures[name] = (title, caption, png)
     more = f" and {len(roots) - 1} more" if len(roots) > 1 else ""
     title = cfg.name or f"bloger report: {roots[0].name}{more}"
     html = page(title, runs, ks, summarize_modes(runs, ks), figures, config_differences(runs), notes)
     out.mkdir(parents=True, exist_ok=True)
-    written = [name for name, (_, png) in figures.items() if write_if_changed(out / name, png)]
+    written = [name for name, (*_, png) in figures.items() if write_if_changed(out / name, png)]
     written += ["report.html"] if write_if_changed(out / "report.html", html) else []
     result = {"report": str(out / "report.html"), "runs": [r.label for r in runs], "figures": list(figures),
               "k": ks, "notes": notes, "written": written}

@@ -151,9 +151,12 @@ def codebook_figure(runs: list[ReportRun], notes: list[str]) -> bytes | None:
     return _png(fig)
 
 
-FIGURES: dict[str, tuple[str, Callable[[list[ReportRun], list[str]], bytes | None]]] = {
-    "training.png": ("Training loss and validation NDCG@10, against steps and time (SASRec's loss is over items, "
-                     "the generative runs' over code tokens: compare shapes, not levels)", training_figure),
-    "tokenizer.png": ("Tokenizer updates (bilevel runs)", tokenizer_figure),
-    "codebook.png": ("Codebook usage per level (the semantic IDs each run decodes with)", codebook_figure),
+# file name -> (heading, a sentence under it, the function that draws it)
+FIGURES: dict[str, tuple[str, str, Callable[[list[ReportRun], list[str]], bytes | None]]] = {
+    "training.png": ("Training loss and validation NDCG@10", "Against steps and against time (the epochs' "
+                     "seconds, summed). SASRec's loss is a cross-entropy over items, the generative runs' over "
+                     "code tokens: compare shapes, not levels.", training_figure),
+    "tokenizer.png": ("Tokenizer updates", "One point per tokenizer update of each bilevel run.", tokenizer_figure),
+    "codebook.png": ("Codebook usage per level", "Items per code, codes sorted by usage, for the semantic IDs "
+                     "each run decodes with (tokenize's for mode fixed).", codebook_figure),
 }

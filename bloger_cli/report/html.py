@@ -51,9 +51,9 @@ def metrics_tables(runs: list[ReportRun], ks: list[int], summary: list[dict[str,
 
 
 def page(title: str, runs: list[ReportRun], ks: list[int], summary: list[dict[str, Any]],
-         figures: dict[str, tuple[str, bytes]], differences: dict[str, list[tuple[str, list[str]]]],
+         figures: dict[str, tuple[str, str, bytes]], differences: dict[str, list[tuple[str, list[str]]]],
          notes: list[str]) -> str:
-    """The whole page; figures maps a file name to (caption, PNG bytes)."""
+    """The whole page; figures maps a file name to (heading, caption, PNG bytes)."""
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{escape(title)}</title>"
              f"<style>{STYLE}</style></head><body>", f"<h1>{escape(title)}</h1>",
              f"<p>{len(runs)} runs from {len({r.workspace for r in runs})} workspaces; test users, item-level "
@@ -63,10 +63,10 @@ def page(title: str, runs: list[ReportRun], ks: list[int], summary: list[dict[st
                     [[escape(r.label), r.stage, escape(r.mode), "" if r.seed is None else str(r.seed),
                       escape(str(r.workspace)), escape(r.run_id)] for r in runs]),
              "<h2>Test metrics</h2>", metrics_tables(runs, ks, summary)]
-    for name, (caption, png) in figures.items():
+    for name, (title, caption, png) in figures.items():
         data = base64.b64encode(png).decode("ascii")
-        parts.append(f"<h2>{escape(caption)}</h2><figure><img src='data:image/png;base64,{data}' "
-                     f"alt='{escape(caption)}' data-file='{escape(name)}'></figure>")
+        parts.append(f"<h2>{escape(title)}</h2><p>{escape(caption)}</p><figure><img "
+                     f"src='data:image/png;base64,{data}' alt='{escape(title)}' data-file='{escape(name)}'></figure>")
     if differences:
         parts.append("<h2>Configs that differ between runs</h2>")
         for stage, rows in differences.items():
