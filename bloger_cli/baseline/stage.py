@@ -42,7 +42,7 @@ def run(cfg: BaselineConfig, ws: Workspace, *, force: bool = False, lock_timeout
     inputs = {f"artifact:{kind}": info.content_hash for kind, info in infos.items()}
     sequences, num_items = infos["sequences"].path, infos["items"].rows
     return run_stage(ws, "baseline", cfg, inputs, lambda ctx: _baseline(ctx, cfg, sequences, num_items),
-                     force=force, lock_timeout=lock_timeout)
+                     force=force, lock_timeout=lock_timeout, same_kind=lambda r: r.config.get("model") == cfg.model)
 
 
 def _baseline(ctx: StageContext, cfg: BaselineConfig, sequences: Path, num_items: int) -> dict[str, Any]:

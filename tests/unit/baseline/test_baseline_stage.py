@@ -56,6 +56,9 @@ def test_metrics_file_keeps_the_latest_run_of_each_model(items64_workspace: Path
     rows = pq.read_table(ws.path("baseline_metrics")).to_pylist()
     assert {r["method"] for r in rows} == {"sasrec", "popularity"} and len(rows) == 16
     assert {r["split"] for r in rows} == {"test"}
+    assert baseline.run(sasrec_config(epochs=1), ws).skipped  # popularity in between: SASRec still up to date
+    rows = pq.read_table(ws.path("baseline_metrics")).to_pylist()
+    assert {r["method"] for r in rows} == {"sasrec", "popularity"}
 
 
 def test_same_seed_same_metrics(items64_workspace: Path) -> None:
