@@ -15,15 +15,13 @@ import typer
 from pydantic import ValidationError
 from rich.logging import RichHandler
 from rich.markup import escape
-from rich import box
-from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
 from bloger_cli import __version__, progress
 from bloger_cli.config import resolve_config
 from bloger_cli.errors import BlogerError, Interrupted, WorkspaceError
-from bloger_cli.render import RENDERERS, emit, err
+from bloger_cli.render import RENDERERS, emit, err, render_report, render_runs
 from bloger_cli.workspace import DEFAULT_WORKSPACE, Workspace, stage_status
 _state = {"debug": False}
 
@@ -350,28 +348,7 @@ def runs(
     roots = workspace or [DEFAULT_WORKSPACE]
     rows = list_runs(roots, stage=stage, mode=mode, status=run_status)
 
-    def render(result: dict[str, Any]) -> None:
-        table = Table(title=f"{len(result['runs'])} runs", title_justify="left", box=box.SIMPLE_HEAD)
-        columns = (["workspace"] if len(roots) > 1 else []) + [
-            "started", "stage", "status", "mode", "seed", "config", "recall@10", "ndcg@10", "seconds", "run"]
-        for col in columns:
-            table.add_column(col, justify="right" if col in ("seed", "recall@10", "ndcg@10", "seconds") else "left")
-        colour = {"done": "green", "failed": "red", "interrupted": "yellow", "running": "cyan", "killed": "red"}
-        for r in result["runs"]:
-            cells = [escape(c) for c in ([r["workspace"]] if len(roots) > 1 else []) + [
-                (r["started_at"] or "")[5:16], r["stage"], r["status"], r["mode"] or "",
-                "" if r["seed"] is None else str(r["seed"]), (r["config_hash"] or "")[:8],
-                *(f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "" for k in ("recall@10", "ndcg@10")),
-                "" if r["seconds"] is None else f"{r['seconds']:.0f}", r["run_id"].rsplit("-", 1)[-1]]]
-            status_at = 3 if len(roots) > 1 else 2
-            cells[status_at] = f"[{colour.get(r['status'], 'white')}]{cells[status_at]}[/]"
-            table.add_row(*cells)
-        (err if err.is_terminal else Console(stderr=True, width=120)).print(table)  # a log is not 80 wide
-        if result["runs"]:
-            err.print("run: the run id's last part; --json gives whole ids, full metrics and errors",
-                      style="dim", highlight=False)
-
-    emit({"workspaces": [str(r) for r in roots], "runs": rows}, as_json, render)
+    emit({"workspaces": [str(r) for r in roots], "runs": rows}, as_json, render_runs)
 
 
 @app.command()
@@ -397,14 +374,7 @@ def report(
     roots = workspace or [DEFAULT_WORKSPACE]
     options = dict(out=out or roots[0] / "report", name=name, results=results, train_flags=train_flags)
     result = run(resolve_config("report", config, options, set_), roots, force=force)
-
-    def render(r: dict[str, Any]) -> None:
-        for note in r["notes"]:
-            err.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
-        err.print(f"report: {r['report']} ({len(r['runs'])} runs, {len(r['figures'])} figures)", highlight=False,
-                  soft_wrap=True)
-
-    emit(result, as_json, render)
+    emit(result, as_json, render_report)
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from bloger_cli.cutoffs import DEFAULT_KS, parse_ks, positive_ks
 from bloger_cli.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -270,26 +271,6 @@ class TrainBilevelConfig(StrictModel):
     bilevel: BilevelConfig = Field(default_factory=BilevelConfig)
 
 
-DEFAULT_KS = (1, 5, 10, 20)
-
-
-def parse_ks(value: Any) -> Any:
-    """`--k 5,10` (or a bare number) -> [5, 10]; lists pass through to the type check."""
-    if isinstance(value, (str, int)):
-        parts = [p.strip() for p in str(value).split(",") if p.strip()]
-        if not parts or not all(p.lstrip("-").isdigit() for p in parts):
-            raise ValueError(f"k must be comma-separated whole numbers like 1,5,10,20 (got {value!r})")
-        return [int(p) for p in parts]
-    return value
-
-
-def positive_ks(value: list[int]) -> list[int]:
-    bad = [k for k in value if k < 1]
-    if bad:
-        raise ValueError(f"every k must be at least 1 (got {bad[0]})")
-    return sorted(set(value))
-
-
 class EvaluateConfig(StrictModel):
     """`bloger evaluate`: decode held-out users and compute Recall@K and NDCG@K, item-level."""
 
@@ -312,60 +293,21 @@ class EvaluateConfig(StrictModel):
         return self
 
 
-class SASRecConfig(StrictModel):
-    """`[baseline.sasrec]`: the SASRec model and optimiser. Model defaults: RecBole 1.2.1's SASRec (2 blocks,
-    2 heads, hidden 64, inner 256, GELU, lr 1e-3) with the SASRec paper's dropout 0.2 (RecBole: 0.5)."""
-
-    layers: int = Field(2, ge=1, description="transformer blocks")
-    heads: int = Field(2, ge=1, description="attention heads")
-    hidden: int = Field(64, ge=1, description="embedding and hidden width")
-    inner: int = Field(256, ge=1, description="feed-forward inner width")
-    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="embedding, residual and (default) attention dropout")
-    attention_dropout: float | None = Field(None, ge=0.0, lt=1.0, description="None: dropout")
-    lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (RecBole: 0)")
-
-    @model_validator(mode="after")
-    def _heads_divide_hidden(self) -> "SASRecConfig":
-        if self.hidden % self.heads:
-            raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
-        return self
-
-
-class BaselineConfig(StrictModel):
-    """`bloger baseline`: a discriminative baseline on the workspace's own leave-one-out split."""
-
-    model: Literal["sasrec", "popularity"] = Field("sasrec", description="sasrec or popularity")
-    epochs: int = Field(200, ge=1, description="maximum SASRec epochs")
-    batch_size: int = Field(256, ge=1)
-    patience: int | None = Field(10, ge=1, description="stop after this many epochs without a better "
-                                 "validation NDCG@10 (None: run every epoch)")
-    k: list[int] = Field(list(DEFAULT_KS), min_length=1, description="cut-offs of the test metrics")
-    eval_batch_size: int = Field(1024, ge=1, description="users per scoring batch")
-    seed: int = 42
-    device: Device = "auto"
-    sasrec: SASRecConfig = Field(default_factory=SASRecConfig)
-
-    _parse_ks = field_validator("k", mode="before")(classmethod(lambda cls, value: parse_ks(value)))
-    _positive_ks = field_validator("k")(classmethod(lambda cls, value: positive_ks(value)))
-
-
-class ReportConfig(StrictModel):
-    """`bloger report`: an HTML report (and PNG figures) of the runs of one or several workspaces."""
-
-    unhashed = frozenset({"out", "results"})
-
-    out: Path = Field(..., description="output directory of report.html and the figures")
-    name: str | None = Field(None, description="title (default: the first workspace's name)")
-    results: Path | None = Field(None, description="also write RESULTS/NAME.md and .json (pipelines)")
-    train_flags: str = Field("", description="the TRAIN_FLAGS the runs were made with, to record")
-
-
 STAGE_CONFIGS: dict[str, type[StrictModel]] = {
     "prepare": PrepareConfig, "embed": EmbedConfig, "tokenize": TokenizeConfig,
     "train-bilevel": TrainBilevelConfig, "evaluate": EvaluateConfig, "export-ids": ExportConfig,
-    "baseline": BaselineConfig, "report": ReportConfig,
 }
+
+
+def stage_config(stage: str) -> type[StrictModel]:
+    """A stage's config class. The helpers' configs live beside their code (baseline/config.py,
+    report/config.py), which import this module, so they are registered on first use."""
+    if stage not in STAGE_CONFIGS:
+        from bloger_cli.baseline.config import BaselineConfig
+        from bloger_cli.report.config import ReportConfig
+
+        STAGE_CONFIGS.update({"baseline": BaselineConfig, "report": ReportConfig})
+    return STAGE_CONFIGS[stage]
 
 
 def config_hash(config: BaseModel) -> str:
@@ -443,4 +385,4 @@ def resolve_config(
     for text in sets or []:
         parts, value = parse_override(stage, text)
         _assign(tree, parts, value)
-    return STAGE_CONFIGS[stage].model_validate(tree)
+    return stage_config(stage).model_validate(tree)

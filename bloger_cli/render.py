@@ -6,6 +6,7 @@ import json
 import sys
 from typing import Any, Callable
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -115,6 +116,38 @@ def render_baseline(out: dict[str, Any]) -> None:
             k = name.split("@")[1]
             table.add_row(k, f"{value:.4f}", f"{r['metrics'][f'ndcg@{k}']:.4f}")
     err.print(table)
+
+
+def render_report(r: dict[str, Any]) -> None:
+    """`bloger report`: its notes (plots skipped, K left out), then where the page is."""
+    for note in r["notes"]:
+        err.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
+    err.print(f"report: {r['report']} ({len(r['runs'])} runs, {len(r['figures'])} figures)", highlight=False,
+              soft_wrap=True)
+
+
+def render_runs(result: dict[str, Any]) -> None:
+    """`bloger runs`: one row per run (a workspace column when there are several)."""
+    several = len(result["workspaces"]) > 1
+    table = Table(title=f"{len(result['runs'])} runs", title_justify="left", box=box.SIMPLE_HEAD)
+    columns = (["workspace"] if several else []) + [
+        "started", "stage", "status", "mode", "seed", "config", "recall@10", "ndcg@10", "seconds", "run"]
+    for col in columns:
+        table.add_column(col, justify="right" if col in ("seed", "recall@10", "ndcg@10", "seconds") else "left")
+    colour = {"done": "green", "failed": "red", "interrupted": "yellow", "running": "cyan", "killed": "red"}
+    for r in result["runs"]:
+        cells = [escape(c) for c in ([r["workspace"]] if several else []) + [
+            (r["started_at"] or "")[5:16], r["stage"], r["status"], r["mode"] or "",
+            "" if r["seed"] is None else str(r["seed"]), (r["config_hash"] or "")[:8],
+            *(f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "" for k in ("recall@10", "ndcg@10")),
+            "" if r["seconds"] is None else f"{r['seconds']:.0f}", r["run_id"].rsplit("-", 1)[-1]]]
+        status_at = 3 if several else 2
+        cells[status_at] = f"[{colour.get(r['status'], 'white')}]{cells[status_at]}[/]"
+        table.add_row(*cells)
+    (err if err.is_terminal else Console(stderr=True, width=120)).print(table)  # a log is not 80 wide
+    if result["runs"]:
+        err.print("run: the run id's last part; --json gives whole ids, full metrics and errors",
+                  style="dim", highlight=False)
 
 
 RENDERERS: dict[str, Callable[[dict[str, Any]], None]] = {

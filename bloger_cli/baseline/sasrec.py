@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from bloger_cli.config import SASRecConfig
+from bloger_cli.baseline.config import SASRecConfig
 
 
 class SASRecOutput(NamedTuple):

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from bloger_cli.artifacts import SPECS, read_table, save_torch, write_arrow
 from bloger_cli.baseline.sasrec import SASRec, num_parameters
-from bloger_cli.config import BaselineConfig
+from bloger_cli.baseline.config import BaselineConfig
 from bloger_cli.metrics import MetricAccumulator, popularity_ranking, ranks, summarize
 from bloger_cli.progress import Bar
 from bloger_cli.training.data import Samples, load_split, max_history, training_items

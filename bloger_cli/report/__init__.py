@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from bloger_cli.config import ReportConfig
+from bloger_cli.report.config import ReportConfig
 from bloger_cli.errors import ConfigError
 from bloger_cli.report.collect import (collect_runs, config_differences, shared_ks, summarize_modes,
                                        tokenize_before)

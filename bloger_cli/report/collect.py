@@ -96,12 +96,12 @@ def _workspace_runs(ws: Workspace) -> list[ReportRun]:
             mode = f"bilevel-{surgery}"
         run = ReportRun(f"{name} ({mode})" if several else name, ws.root, "train-bilevel", mode,
                         train.config.get("seed"), train.run_id, train.config, train.result, None,
-                        _history(ws, "history", name))
+                        _history(ws, "history"))
         run.test = _test_metrics(records, train, run)
         _codes(ws, run)
         out.append(run)
     for model, record in sorted(baselines.items()):
-        history = _history(ws, "baseline_history", name) if model == "sasrec" else None
+        history = _history(ws, "baseline_history") if model == "sasrec" else None
         out.append(ReportRun(f"{name} ({model})" if several else name, ws.root, "baseline", model,
                              record.config.get("seed"), record.run_id, record.config, record.result,
                              dict(record.result.get("metrics") or {}), history))
@@ -119,7 +119,7 @@ def _test_metrics(records: list[RunRecord], train: RunRecord, run: ReportRun) ->
     return None
 
 
-def _history(ws: Workspace, kind: str, name: str) -> pa.Table | None:
+def _history(ws: Workspace, kind: str) -> pa.Table | None:
     """The history as written, any format (the plots check the columns they need)."""
     path = ws.path(kind)
     if not path.is_file():

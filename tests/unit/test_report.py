@@ -25,7 +25,8 @@ def report_workspaces(trained_workspace_template: Path, rqvae_workspace_template
     """Two fixed runs (seeds 42, 43) and a bilevel run, all evaluated; a SASRec and a popularity baseline."""
     from bloger_cli import evaluation
     from bloger_cli.baseline import stage as baseline
-    from bloger_cli.config import BaselineConfig, EvaluateConfig, SASRecConfig
+    from bloger_cli.baseline.config import BaselineConfig, SASRecConfig
+    from bloger_cli.config import EvaluateConfig
     from bloger_cli.training import stage as train
     from bloger_cli.workspace import Workspace
 

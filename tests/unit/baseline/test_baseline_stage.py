@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from bloger_cli.baseline import stage as baseline
-from bloger_cli.config import BaselineConfig, SASRecConfig
+from bloger_cli.baseline.config import BaselineConfig, SASRecConfig
 from bloger_cli.metrics import popularity_ranking, ranks, summarize
 from bloger_cli.runs import list_runs
 from bloger_cli.training.data import load_split, training_items
