@@ -367,8 +367,8 @@ def report(
     as_json: JsonOpt = False,
 ) -> None:
     """Write an HTML report with figures: training curves, tokenizer updates, codebook usage, test metrics
-    of every run and baseline (mean ± 95% interval over seeds), and the configs that differ. Needs the
-    plot extra: pip install 'bloger[plot]'."""
+    of every run and baseline (mean ± 95% interval over seeds), and the configs that differ. Needs
+    matplotlib, the `plot` extra of bloger."""
     from bloger_cli.report import run
 
     roots = workspace or [DEFAULT_WORKSPACE]
