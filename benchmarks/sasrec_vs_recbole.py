@@ -4,8 +4,9 @@
         --data ../shared/datasets/ml-100k --epochs 20
 
 RecBole is not a project dependency: install it in a separate environment
-(`python -m venv /tmp/recbole-venv && /tmp/recbole-venv/bin/pip install torch recbole==1.2.1`) and point
---recbole-python at it. Both sides: the same atomic files, 5-core filtering (users and items with >= 5
+(`python -m venv /tmp/recbole-venv && /tmp/recbole-venv/bin/pip install torch recbole==1.2.1
+"numpy<2" "pandas<2.3" "scipy<1.14" "setuptools<81"`: RecBole 1.2.1 uses np.float_ and pkg_resources)
+and point --recbole-python at it. Both sides: the same atomic files, 5-core filtering (users and items with >= 5
 interactions, iterated), leave-one-out ordered by time, history capped at 20 items, full ranking over
 all items without masking history items, CE loss over all items, 2 blocks, 2 heads, hidden 64, inner
 256, dropout 0.2, lr 1e-3, batch 256, weight decay 0, at most --epochs epochs with the best epoch chosen
