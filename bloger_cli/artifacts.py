@@ -112,6 +112,24 @@ SPECS: dict[str, ArtifactSpec] = {
                        ("n_users", pa.int32())]),
             producer="evaluate",
         ),
+        # baseline: SASRec's best weights and per-epoch history (the history schema), and the test metrics
+        # of the latest run of each baseline model (method = the model name)
+        ArtifactSpec("baseline_checkpoint", "baseline.pt", pa.schema([]), producer="baseline", format="torch"),
+        ArtifactSpec(
+            "baseline_history", "baseline_history.parquet",
+            pa.schema([("event", pa.string()), ("epoch", pa.int32()), ("step", pa.int64()), ("lr", pa.float64()),
+                       ("train_loss", pa.float64()), ("val_recall_10", pa.float64()),
+                       ("val_ndcg_10", pa.float64()), ("seconds", pa.float64()),
+                       ("samples_per_s", pa.float64())]),
+            producer="baseline",
+        ),
+        ArtifactSpec(
+            "baseline_metrics", "baseline_metrics.parquet",
+            pa.schema([("run_id", pa.string()), ("split", pa.string()), ("method", pa.string()),
+                       ("metric", pa.string()), ("k", pa.int32()), ("value", pa.float64()),
+                       ("n_users", pa.int32())]),
+            producer="baseline",
+        ),
     )
 }
 

@@ -15,15 +15,13 @@ import typer
 from pydantic import ValidationError
 from rich.logging import RichHandler
 from rich.markup import escape
-from rich import box
-from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
 from bloger_cli import __version__, progress
 from bloger_cli.config import resolve_config
 from bloger_cli.errors import BlogerError, Interrupted, WorkspaceError
-from bloger_cli.render import RENDERERS, emit, err
+from bloger_cli.render import RENDERERS, emit, err, render_report, render_runs
 from bloger_cli.workspace import DEFAULT_WORKSPACE, Workspace, stage_status
 _state = {"debug": False}
 
@@ -88,7 +86,8 @@ def main_options(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors; no progress bars.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Debug logs and full tracebacks.")] = False,
 ) -> None:
-    """Stages: prepare -> embed -> tokenize -> train-bilevel -> evaluate -> export-ids; then recommend, export-model."""
+    """Stages: prepare -> embed -> tokenize -> train-bilevel -> evaluate -> export-ids; then recommend,
+    export-model, baseline, runs, report."""
     _state["debug"] = debug
     quiet = quiet or int(os.environ.get("RANK", "0")) > 0  # under torchrun, rank 0 alone speaks
     progress.set_quiet(quiet)
@@ -256,6 +255,32 @@ def evaluate(
     _stage("evaluate", run, workspace, config, options, set_, as_json, force, lock_timeout)
 
 
+@app.command()
+def baseline(
+    workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+    lock_timeout: LockOpt = 60.0,
+    model: Annotated[Optional[str], typer.Option("--model", help="sasrec | popularity [sasrec].")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Maximum SASRec epochs [200].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Training samples per step [256].")] = None,
+    patience: Annotated[Optional[int], typer.Option(help="Epochs without a better validation NDCG@10 [10].")] = None,
+    k: Annotated[Optional[str], typer.Option("--k", help="Cut-offs, comma-separated [1,5,10,20].")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed [42].")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | mps.")] = None,
+) -> None:
+    """Train and test a baseline (SASRec, or popularity) on the workspace's own split and metrics.
+
+    SASRec settings via --set sasrec.X (layers, heads, hidden, inner, dropout, lr, weight_decay)."""
+    from bloger_cli.baseline.stage import run
+
+    options = dict(model=model, epochs=epochs, batch_size=batch_size, patience=patience, k=k, seed=seed,
+                   device=device)
+    _stage("baseline", run, workspace, config, options, set_, as_json, force, lock_timeout)
+
+
 @app.command("export-ids")
 def export_ids(
     workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
@@ -328,29 +353,33 @@ def runs(
     roots = workspace or [DEFAULT_WORKSPACE]
     rows = list_runs(roots, stage=stage, mode=mode, status=run_status)
 
-    def render(result: dict[str, Any]) -> None:
-        table = Table(title=f"{len(result['runs'])} runs", title_justify="left", box=box.SIMPLE_HEAD)
-        columns = (["workspace"] if len(roots) > 1 else []) + [
-            "started", "stage", "status", "mode", "seed", "config", "recall@10", "ndcg@10", "churn", "seconds", "run"]
-        for col in columns:
-            table.add_column(col, justify="right" if col in ("seed", "recall@10", "ndcg@10", "churn", "seconds")
-                             else "left")
-        colour = {"done": "green", "failed": "red", "interrupted": "yellow", "running": "cyan", "killed": "red"}
-        for r in result["runs"]:
-            cells = [escape(c) for c in ([r["workspace"]] if len(roots) > 1 else []) + [
-                (r["started_at"] or "")[5:16], r["stage"], r["status"], r["mode"] or "",
-                "" if r["seed"] is None else str(r["seed"]), (r["config_hash"] or "")[:8],
-                *(f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "" for k in ("recall@10", "ndcg@10")),
-                "" if r.get("churn") is None else f"{r['churn']:.3f}", "" if r["seconds"] is None else f"{r['seconds']:.0f}", r["run_id"].rsplit("-", 1)[-1]]]
-            status_at = 3 if len(roots) > 1 else 2
-            cells[status_at] = f"[{colour.get(r['status'], 'white')}]{cells[status_at]}[/]"
-            table.add_row(*cells)
-        (err if err.is_terminal else Console(stderr=True, width=120)).print(table)  # a log is not 80 wide
-        if result["runs"]:
-            err.print("run: the run id's last part; --json gives whole ids, full metrics and errors",
-                      style="dim", highlight=False)
+    emit({"workspaces": [str(r) for r in roots], "runs": rows}, as_json, render_runs)
 
-    emit({"workspaces": [str(r) for r in roots], "runs": rows}, as_json, render)
+
+@app.command()
+def report(
+    workspace: Annotated[Optional[list[Path]], typer.Option(
+        "--workspace", "-w", envvar="BLOGER_WORKSPACE",
+        help="Workspace whose runs to report (repeatable: several side by side).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory [WORKSPACE/report].")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Title (and the results file's name).")] = None,
+    results: Annotated[Optional[Path], typer.Option(
+        help="Also write RESULTS/NAME.md and .json, the reproduction results file of `make -C pipelines`.")] = None,
+    train_flags: Annotated[Optional[str], typer.Option(help="TRAIN_FLAGS the runs were made with, to record.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Write into an output directory that exists.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write an HTML report with figures: training curves, tokenizer updates, codebook usage, test metrics
+    of every run and baseline (mean ± 95% interval over seeds), and the configs that differ. Needs
+    matplotlib, the `plot` extra of bloger."""
+    from bloger_cli.report.stage import run
+
+    roots = workspace or [DEFAULT_WORKSPACE]
+    options = dict(out=out or roots[0] / "report", name=name, results=results, train_flags=train_flags)
+    result = run(resolve_config("report", config, options, set_), roots, force=force)
+    emit(result, as_json, render_report)
 
 
 def main() -> None:

@@ -15,8 +15,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from bloger_cli.baseline.config import BaselineConfig
 from bloger_cli.config_base import Device, StrictModel
+from bloger_cli.cutoffs import DEFAULT_KS, parse_ks, positive_ks
 from bloger_cli.errors import ConfigError
+from bloger_cli.report.config import ReportConfig
 from bloger_cli.serving.config import ExportModelConfig, RecommendConfig
 from bloger_cli.training.config import (BilevelConfig, ModelConfig, TrainBilevelConfig,  # noqa: F401  (re-exported)
                                         TrainConfig, TrainMode, parse_duration)
@@ -26,7 +29,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-STAGES = ("prepare", "embed", "tokenize", "train-bilevel", "evaluate", "export-ids", "recommend", "export-model")
+STAGES = ("prepare", "embed", "tokenize", "train-bilevel", "evaluate", "export-ids", "recommend", "export-model",
+          "baseline", "report")
 
 
 SourceKind = Literal["letter", "amazon", "amazon2023", "movielens", "recbole", "table", "synthetic"]
@@ -174,7 +178,6 @@ class ExportConfig(StrictModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
 
-DEFAULT_KS = (1, 5, 10, 20)
 
 
 class EvaluateConfig(StrictModel):
@@ -188,23 +191,8 @@ class EvaluateConfig(StrictModel):
     batch_size: int = Field(256, ge=1, description="users per decoding batch")
     device: Device = "auto"
 
-    @field_validator("k", mode="before")
-    @classmethod
-    def _parse_ks(cls, value: Any) -> Any:
-        if isinstance(value, (str, int)):
-            parts = [p.strip() for p in str(value).split(",") if p.strip()]
-            if not parts or not all(p.lstrip("-").isdigit() for p in parts):
-                raise ValueError(f"k must be comma-separated whole numbers like 1,5,10,20 (got {value!r})")
-            return [int(p) for p in parts]
-        return value
-
-    @field_validator("k")
-    @classmethod
-    def _positive_ks(cls, value: list[int]) -> list[int]:
-        bad = [k for k in value if k < 1]
-        if bad:
-            raise ValueError(f"every k must be at least 1 (got {bad[0]})")
-        return sorted(set(value))
+    _parse_ks = field_validator("k", mode="before")(classmethod(lambda cls, value: parse_ks(value)))
+    _positive_ks = field_validator("k")(classmethod(lambda cls, value: positive_ks(value)))
 
     @model_validator(mode="after")
     def _beam_covers_k(self) -> "EvaluateConfig":
@@ -217,9 +205,14 @@ class EvaluateConfig(StrictModel):
 STAGE_CONFIGS: dict[str, type[StrictModel]] = {
     "prepare": PrepareConfig, "embed": EmbedConfig, "tokenize": TokenizeConfig,
     "train-bilevel": TrainBilevelConfig, "evaluate": EvaluateConfig, "export-ids": ExportConfig,
-    "recommend": RecommendConfig, "export-model": ExportModelConfig,
+    "recommend": RecommendConfig, "export-model": ExportModelConfig, "baseline": BaselineConfig,
+    "report": ReportConfig,
 }
 
+
+def stage_config(stage: str) -> type[StrictModel]:
+    """A stage's config class."""
+    return STAGE_CONFIGS[stage]
 
 
 def config_hash(config: BaseModel) -> str:
@@ -297,4 +290,4 @@ def resolve_config(
     for text in sets or []:
         parts, value = parse_override(stage, text)
         _assign(tree, parts, value)
-    return STAGE_CONFIGS[stage].model_validate(tree)
+    return stage_config(stage).model_validate(tree)

@@ -127,13 +127,34 @@ def _evaluate(ctx: StageContext, cfg: EvaluateConfig, ckpt: dict[str, Any], path
     popular = popularity_ranking(training_items(sequences), len(codes), top)
     popularity = summarize(ranks(popular.expand(len(samples), top), samples.target), cfg.k)
     _write_metrics(ctx, cfg, len(samples), {"model": metrics, "popularity": popularity})
+    baseline = best_baseline(ctx.workspace, cfg.split, list(metrics))
     return {
         "split": cfg.split, "users": len(samples), "items": len(codes), "decode": cfg.decode, "beam": cfg.beam,
         "checkpoint": str(path), "epoch": int(ckpt["epoch"]), "device": str(device),
         "mode": ckpt.get("mode"), "seed": ckpt.get("config", {}).get("seed"),
         "users_per_s": round(len(samples) / decode_seconds, 1), "seconds": round(time.perf_counter() - started, 3),
-        "metrics": metrics, "popularity": popularity,
+        "metrics": metrics, "popularity": popularity, **({"baseline": baseline} if baseline else {}),
     }
+
+
+def best_baseline(ws: Workspace, split: str, names: list[str]) -> dict[str, Any] | None:
+    """The best `bloger baseline` run of this workspace on the current sequences (by NDCG@10, else the
+    first shared metric), for the table beside the model; None when there is none to compare with."""
+    if split != "test":
+        return None  # baselines are tested on the test users only
+    current = ws.catalog.current_artifacts().get("sequences", {}).get("content_hash")
+    latest: dict[str, Any] = {}
+    for run in ws.catalog.runs("baseline", "done"):  # newest first: the latest run of each model
+        if run.inputs.get("artifact:sequences") == current:
+            latest.setdefault(run.config.get("model"), run)
+    candidates = [(model, {n: run.result["metrics"][n] for n in names if n in run.result.get("metrics", {})}, run)
+                  for model, run in latest.items()]
+    candidates = [c for c in candidates if c[1]]
+    if not candidates:
+        return None
+    key = "ndcg@10" if all("ndcg@10" in c[1] for c in candidates) else next(iter(candidates[0][1]))
+    model, metrics, run = max(candidates, key=lambda c: c[1].get(key, -1.0))
+    return {"model": model, "run_id": run.run_id, "metrics": metrics}
 
 
 def _write_metrics(ctx: StageContext, cfg: EvaluateConfig, n_users: int, rows: dict[str, dict[str, float]]) -> None:

@@ -6,6 +6,7 @@ import json
 import sys
 from typing import Any, Callable
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -89,16 +90,70 @@ def render_evaluate(out: dict[str, Any]) -> None:
     r = out["result"]
     table = Table(title=f"{r['split']} metrics ({r['users']:,} users, {r['items']:,} items, item-level, "
                         f"{r['decode']} decoding)", title_justify="left")
-    for col in ("K", "recall", "ndcg", "popularity recall", "popularity ndcg"):
+    best = r.get("baseline")  # the best `bloger baseline` run of the workspace, when there is one
+    for col in ("K", "recall", "ndcg", "popularity recall", "popularity ndcg",
+                *((f"{best['model']} recall", f"{best['model']} ndcg") if best else ())):
         table.add_column(col, justify="right")
     ks = [name.split("@")[1] for name in r["metrics"] if name.startswith("recall@")]
     for k in ks:
+        extra = [f"{best['metrics'][f'{m}@{k}']:.4f}" if f"{m}@{k}" in best["metrics"] else "—"
+                 for m in ("recall", "ndcg")] if best else []
         table.add_row(k, *(f"{values[f'{m}@{k}']:.4f}" for values in (r["metrics"], r["popularity"])
-                           for m in ("recall", "ndcg")))
+                           for m in ("recall", "ndcg")), *extra)
     err.print(table)
+
+
+def render_baseline(out: dict[str, Any]) -> None:
+    """The run's facts, then one row per cut-off K."""
+    render_generic(out)
+    r = out["result"]
+    table = Table(title=f"{r['model']}: test metrics ({r['users']:,} users, {r['items']:,} items, item-level, "
+                        "full ranking)", title_justify="left")
+    for col in ("K", "recall", "ndcg"):
+        table.add_column(col, justify="right")
+    for name, value in r["metrics"].items():
+        if name.startswith("recall@"):
+            k = name.split("@")[1]
+            table.add_row(k, f"{value:.4f}", f"{r['metrics'][f'ndcg@{k}']:.4f}")
+    err.print(table)
+
+
+def render_report(r: dict[str, Any]) -> None:
+    """`bloger report`: its notes (plots skipped, K left out), then where the page is."""
+    for note in r["notes"]:
+        err.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
+    err.print(f"report: {r['report']} ({len(r['runs'])} runs, {len(r['figures'])} figures)", highlight=False,
+              soft_wrap=True)
+
+
+def render_runs(result: dict[str, Any]) -> None:
+    """`bloger runs`: one row per run (a workspace column when there are several)."""
+    several = len(result["workspaces"]) > 1
+    table = Table(title=f"{len(result['runs'])} runs", title_justify="left", box=box.SIMPLE_HEAD)
+    columns = (["workspace"] if several else []) + [
+        "started", "stage", "status", "mode", "seed", "config", "recall@10", "ndcg@10", "churn", "seconds", "run"]
+    for col in columns:
+        table.add_column(col, justify="right" if col in ("seed", "recall@10", "ndcg@10", "churn", "seconds")
+                         else "left")
+    colour = {"done": "green", "failed": "red", "interrupted": "yellow", "running": "cyan", "killed": "red"}
+    for r in result["runs"]:
+        cells = [escape(c) for c in ([r["workspace"]] if several else []) + [
+            (r["started_at"] or "")[5:16], r["stage"], r["status"], r["mode"] or "",
+            "" if r["seed"] is None else str(r["seed"]), (r["config_hash"] or "")[:8],
+            *(f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "" for k in ("recall@10", "ndcg@10")),
+            "" if r.get("churn") is None else f"{r['churn']:.3f}",  # bilevel: mean share re-coded per update
+            "" if r["seconds"] is None else f"{r['seconds']:.0f}", r["run_id"].rsplit("-", 1)[-1]]]
+        status_at = 3 if several else 2
+        cells[status_at] = f"[{colour.get(r['status'], 'white')}]{cells[status_at]}[/]"
+        table.add_row(*cells)
+    (err if err.is_terminal else Console(stderr=True, width=120)).print(table)  # a log is not 80 wide
+    if result["runs"]:
+        err.print("run: the run id's last part; --json gives whole ids, full metrics and errors",
+                  style="dim", highlight=False)
 
 
 RENDERERS: dict[str, Callable[[dict[str, Any]], None]] = {
     "prepare": render_prepare, "embed": render_generic, "tokenize": render_tokenize,
     "train-bilevel": render_generic, "evaluate": render_evaluate, "export-ids": render_generic,
+    "baseline": render_baseline,
 }

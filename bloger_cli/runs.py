@@ -17,7 +17,7 @@ METRICS = {"train-bilevel": {"recall@10": "val_recall@10", "ndcg@10": "val_ndcg@
 
 
 def _metrics(stage: str, result: dict[str, Any]) -> dict[str, float]:
-    if stage == "evaluate":
+    if stage in ("evaluate", "baseline"):  # test metrics
         return dict(result.get("metrics") or {})
     keys = METRICS.get(stage, {})
     return {name: result[key] for name, key in keys.items() if result.get(key) is not None}

@@ -150,11 +150,14 @@ def run_stage(
     *,
     force: bool = False,
     lock_timeout: float = 60.0,
+    same_kind: Callable[[RunRecord], bool] | None = None,
 ) -> StageResult:
     """Run one stage under the lock; skip it when the same inputs and config already produced outputs.
 
     `inputs` maps each input ("artifact:KIND" or "file:PATH") to its fingerprint; the parents recorded
-    in the outputs' metadata are the artifact inputs' content hashes.
+    in the outputs' metadata are the artifact inputs' content hashes. `same_kind` narrows the earlier
+    run to compare with (baseline: the last run of the same model, so that running popularity between
+    two identical SASRec runs does not retrain SASRec).
     """
     created = not ws.root.exists()
     try:
@@ -169,7 +172,8 @@ def run_stage(
         with ws.lock(lock_timeout):
             # another process may have made the same new workspace between our check and the lock
             ours = created and not ws.catalog.path.exists()
-            last = ws.catalog.last_done(stage)
+            last = ws.catalog.last_done(stage) if same_kind is None else next(
+                (run for run in ws.catalog.runs(stage, "done") if same_kind(run)), None)
             if not force and last and last.fingerprint == fingerprint and _outputs_intact(ws, last):
                 log.info("%s is up to date (run %s); use --force to redo it", stage, last.run_id)
                 return StageResult(stage, last.run_id, True, last.result)

@@ -61,7 +61,7 @@ def test_prepare_status_noop_force(work):
     status = as_json(bloger("status", "-w", ws, "--json", cwd=cwd))
     assert [(s["stage"], s["state"], s["run_id"]) for s in status["stages"]] == [
         ("prepare", "done", first["run_id"]), ("embed", "missing", None), ("tokenize", "missing", None),
-        ("train-bilevel", "missing", None), ("evaluate", "missing", None)]
+        ("train-bilevel", "missing", None), ("evaluate", "missing", None), ("baseline", "missing", None)]
 
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in ws.glob("*.parquet")}
     again = bloger("prepare", "-w", ws, "--input", data, *NO_CORE, cwd=cwd)

@@ -1,4 +1,5 @@
-"""`make -C pipelines synthetic`: every stage, both modes, the results file; re-running does nothing."""
+"""`make -C pipelines synthetic`: every stage, both modes, the baselines, the results file and the HTML
+report; re-running does nothing."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def make(work: Path, results: Path) -> subprocess.CompletedProcess:
     env.pop("BLOGER_WORKSPACE", None)
     bin_dir = Path(sys.executable).parent
     return subprocess.run(["make", "-C", str(PIPELINES), "synthetic", f"WORK={work}", f"RESULTS={results}",
-                           f"BLOGER={bin_dir / 'bloger'}", f"PYTHON={sys.executable}"],
+                           f"BLOGER={bin_dir / 'bloger'}"],
                           capture_output=True, text=True, env=env, timeout=1200)
 
 
@@ -36,8 +37,12 @@ def test_synthetic_reproduction_end_to_end_then_nothing_to_do(tmp_path: Path) ->
     assert [(r["mode"], r["seed"]) for r in data["runs"]] == [("fixed", 42), ("bilevel", 42)]
     for row in data["runs"]:
         assert 0 <= row["recall@10"] <= 1 and row["seconds_per_epoch"] > 0 and row["device"].startswith("cpu")
+    assert [(r["mode"], r["seed"]) for r in data["baselines"]] == [("sasrec", 42), ("popularity", 42)]
     text = (results / "synthetic.md").read_text()
     assert "| fixed | 1 |" in text and "| bilevel | 1 |" in text and "do not edit" in text
+    assert "| sasrec (baseline) | 1 |" in text and "| popularity (baseline) | 1 |" in text
+    html = (work / "synthetic-report" / "report.html").read_text()
+    assert all(f"<td>{run}</td>" in html for run in ("fixed-s42", "bilevel-s42", "sasrec-s42", "popularity-s42"))
     counts = {ws: len(list_runs([ws])) for ws in [work / "synthetic", *sorted((work / "synthetic-runs").iterdir())]}
     stamp = (results / "synthetic.md").stat().st_mtime_ns
 
@@ -45,7 +50,8 @@ def test_synthetic_reproduction_end_to_end_then_nothing_to_do(tmp_path: Path) ->
     assert again.returncode == 0, again.stderr[-3000:]
     assert {ws: len(list_runs([ws])) for ws in counts} == counts  # no stage ran again
     assert (results / "synthetic.md").stat().st_mtime_ns == stamp  # the results file was not rewritten
-    assert again.stderr.count("is up to date") == 7  # prepare, embed, tokenize, 2 x (train-bilevel, evaluate)
+    # prepare, embed, tokenize, 2 x (train-bilevel, evaluate), 2 baselines
+    assert again.stderr.count("is up to date") == 9
 
 
 @pytest.mark.parametrize("resume", ["1", ""])

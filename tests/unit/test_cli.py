@@ -120,7 +120,8 @@ def test_status_json_and_table(cli, tiny_letter, tmp_path):
     row, *later = out["stages"]
     assert (row["stage"], row["state"], row["reason"], row["run_id"]) == ("prepare", "done", "up to date", run_id)
     assert [(r["stage"], r["state"]) for r in later] == [
-        ("embed", "missing"), ("tokenize", "missing"), ("train-bilevel", "missing"), ("evaluate", "missing")]
+        ("embed", "missing"), ("tokenize", "missing"), ("train-bilevel", "missing"), ("evaluate", "missing"),
+        ("baseline", "missing")]
     table = cli("status", "-w", ws)
     assert table.exit_code == 0 and "done" in table.stderr and table.stdout == ""
 
@@ -291,7 +292,7 @@ def test_unknown_section_in_config_file(cli, ws, tiny_letter, tmp_path):
     run_bad(cli, ws, "--input", tiny_letter, "-c", cfg, exit_code=2,
             stderr=f"error: config file {cfg}: unknown section(s) 'prepar'\n"
                    "  hint: sections are the stage names: prepare, embed, tokenize, train-bilevel, evaluate, "
-                   "export-ids, recommend, export-model\n")
+                   "export-ids, recommend, export-model, baseline, report\n")
 
 
 def test_stage_section_that_is_not_a_table(cli, ws, tiny_letter, tmp_path):

@@ -135,7 +135,7 @@ def test_unknown_section(tmp_path):
         load_config_file(cfg_file)
     assert str(exc.value) == (
         f"config file {cfg_file}: unknown section(s) 'prepar', 'zzz'; sections are the stage names: "
-        "prepare, embed, tokenize, train-bilevel, evaluate, export-ids, recommend, export-model"
+        "prepare, embed, tokenize, train-bilevel, evaluate, export-ids, recommend, export-model, baseline, report"
     )
 
 
