@@ -91,6 +91,15 @@ class Distributed:
             for t in tensors:
                 dist.all_reduce(t)
 
+    def any_(self, flag: bool, device: torch.device | None = None) -> bool:
+        """True on every rank when it is true on any: decisions that read each rank's own clock (a time
+        budget) must be the same everywhere, or one rank waits in a collective the others never reach."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(t)
+        return bool(t.item() > 0)
+
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's object on every rank."""
         if not self.enabled:

@@ -82,6 +82,8 @@ def train_epoch(state: TrainState, data: TrainData, cfg: TrainBilevelConfig, ste
             if i % 20 == 0 or i == steps - 1:  # a host sync only every 20 steps
                 bar.advance(min(20, steps - bar.done) if i else 1, status=_status(loss, state))
             ended = plan.finished(state.step, state.clock.elapsed()) or (i == steps - 1 and epoch == cfg.epochs)
+            if cfg.train.time_budget is not None:  # each rank's clock: one decision for all (torchrun)
+                ended = dist.any_(ended, device)
             if (plan.validates_after(state.step - 1, epoch) or ended) and _settled(state):
                 at_end = i == steps - 1 or ended
                 target = row if at_end else {"event": "eval", "epoch": epoch, "lr": state.scheduler.get_last_lr()[0]}
@@ -110,7 +112,7 @@ def train_epoch(state: TrainState, data: TrainData, cfg: TrainBilevelConfig, ste
              row["train_loss"], _fmt(row["val_recall_10"]), _fmt(row["val_ndcg_10"]), row["seconds"],
              row["samples_per_s"])
     save(state, end_improved)
-    going = going and not plan.finished(state.step, state.clock.elapsed())
+    going = going and not dist.any_(plan.finished(state.step, state.clock.elapsed()), device)
     if stop() and going and epoch < cfg.epochs:
         raise Stopped
     return going

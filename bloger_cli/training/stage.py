@@ -211,7 +211,10 @@ def _train(ctx: StageContext | None, cfg: TrainBilevelConfig, infos: dict[str, A
         steps.step(f"training ({cfg.mode})")
         with stop_on_sigint(enabled=not dist.enabled) as stop:
             try:
-                due = lambda state: state.plan.update_due(state.step, state.epoch + 1, state.clock.elapsed())  # noqa: E731
+                def due(state: TrainState) -> bool:  # the same on every rank, whatever its clock says
+                    flag = state.plan.update_due(state.step, state.epoch + 1, state.clock.elapsed())
+                    return dist.any_(flag, device) if cfg.train.time_budget is not None else flag
+
                 fit(state, data, cfg, make_step(cfg, data, device, due), device, save, stop)
             except Stopped:
                 where = f"epoch {state.epoch + 1}, step {state.epoch_step}" if state.epoch_step else \
