@@ -94,7 +94,8 @@ def one_run(name: str, source: Path, variant: str, seed: int, split: str, thread
     cfg = resolve_config("train-bilevel", CONFIGS / f"{name}.toml", options)
     started = time.perf_counter()
     result = train.run(cfg, Workspace(root), force=True).result
-    row = {"dataset": name, "variant": variant, "seed": seed, "train_seconds": time.perf_counter() - started,
+    row = {"dataset": name, "variant": variant, "seed": seed, "recipe": _recipe(name),
+           "train_seconds": time.perf_counter() - started,
            "steps": result["steps"], "best_step": result.get("best_step"),
            "val_recall@10": result["val_recall@10"], "val_ndcg@10": result["val_ndcg@10"],
            **{key: result[key] for key in ("tokenizer_updates", "mean_churn", "mean_churn_weighted",
@@ -109,6 +110,23 @@ def one_run(name: str, source: Path, variant: str, seed: int, split: str, thread
                                                        if k.startswith(("val_", "test_")) and v is not None)
           + f" ({row['train_seconds']:.0f} s)", flush=True)
     return row
+
+
+def _done_rows(work: Path, names: list[str], variants: list[str]) -> dict[tuple[str, str, int], dict]:
+    """Runs finished earlier (WORK/rows.jsonl, the last of each (dataset, variant, seed)) whose recipe file
+    is unchanged since: --resume skips them."""
+    path = work / "rows.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return {(r["dataset"], r["variant"], r["seed"]): r for r in rows
+            if r["dataset"] in names and r["variant"] in variants and r.get("recipe") == _recipe(r["dataset"])}
+
+
+def _recipe(name: str) -> str:
+    """A hash of the dataset's recipe file and the variant table: runs of another recipe are not reused."""
+    import hashlib
+
+    blob = (CONFIGS / f"{name}.toml").read_bytes() + json.dumps(VARIANTS, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
 
 
 def summarize(rows: list[dict], split: str, variants: list[str]) -> dict:
@@ -127,6 +145,10 @@ def summarize(rows: list[dict], split: str, variants: list[str]) -> dict:
                 values = [r.get(prefix + metric) for r in got]
                 if all(x is not None for x in values):
                     entry[metric] = interval(values)
+            for metric in ("recall@10", "ndcg@10"):  # what model selection may look at
+                values = [r.get("val_" + metric) for r in got]
+                if all(x is not None for x in values):
+                    entry["val_" + metric] = interval(values)
             for key in ("mean_churn", "mean_churn_weighted", "level1_density", "level1_entropy", "collision_rate"):
                 if all(r.get(key) is not None for r in got):
                     entry[key] = statistics.mean(r[key] for r in got)
@@ -147,14 +169,16 @@ def markdown(summary: dict, args: argparse.Namespace, machine: str, started: str
     split = "test" if args.split == "test" else "validation"
     lines = ["# Bilevel against fixed (generated; do not edit)", "",
              f"Command: `python benchmarks/bilevel_vs_fixed.py --datasets {args.datasets} --variants {args.variants} "
-             f"--seeds {args.seeds} --split {args.split}`  ", f"Machine: {machine}  ", f"Started: {started}", "",
+             f"--seeds {args.seeds} --split {args.split}`{' (these rows were summarized from WORK/rows.jsonl)' if args.from_rows else ''}  ",
+             f"Machine: {machine}  ", f"Started: {started}", "",
              f"Item-level {split} metrics, mean ± 95% t interval over seeds; 'paired' is the mean of (variant - "
              "fixed) over the same seeds with its 95% interval and the seeds where the variant won; * marks an "
-             "interval that excludes 0. Recipes: pipelines/bilevel-vs-fixed/NAME.toml (same model, steps and "
-             "validation for every variant).", ""]
+             "interval that excludes 0; 'val N@10' is the mean best validation NDCG@10 (a fixed sample of 500 "
+             "validation users), what selects a variant. Recipes: pipelines/bilevel-vs-fixed/NAME.toml (same model, "
+             "steps and validation for every variant).", ""]
     for name, table in summary.items():
-        lines += [f"## {name}", "", "| variant | seeds | R@10 | N@10 | paired R@10 | paired N@10 | churn / update "
-                  "(weighted) | level-1 density, entropy | s / run |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"## {name}", "", "| variant | seeds | R@10 | N@10 | paired R@10 | paired N@10 | val N@10 | churn / "
+                  "update (weighted) | level-1 density, entropy | s / run |", "|---|---|---|---|---|---|---|---|---|---|"]
         for v, e in table.items():
             def pm(key: str) -> str:
                 return f"{e[key][0]:.4f} ± {e[key][1]:.4f}" if key in e else "-"
@@ -165,8 +189,9 @@ def markdown(summary: dict, args: argparse.Namespace, machine: str, started: str
                     f"({p['wins']}/{p['n']})"
             churn = f"{e['mean_churn']:.3f} ({e['mean_churn_weighted']:.3f})" if "mean_churn" in e else "-"
             level = f"{e['level1_density']:.2f}, {e['level1_entropy']:.2f}" if "level1_density" in e else "-"
+            val = f"{e['val_ndcg@10'][0]:.4f}" if "val_ndcg@10" in e else "-"
             lines.append(f"| {v} | {len(e['seeds'])} | {pm('recall@10')} | {pm('ndcg@10')} | {paired('recall@10')} | "
-                         f"{paired('ndcg@10')} | {churn} | {level} | {e['train_seconds']:.0f} |")
+                         f"{paired('ndcg@10')} | {val} | {churn} | {level} | {e['train_seconds']:.0f} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -181,7 +206,10 @@ def main() -> None:
     p.add_argument("--out", default="pipelines/results/bilevel-vs-fixed", help="results file stem (--split test)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (each with --threads threads)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--from-rows", help="summarize the rows.jsonl of earlier runs instead of training")
+    p.add_argument("--from-rows", action="store_true", help="summarize the runs in WORK/rows.jsonl (same recipes) "
+                   "instead of training")
+    p.add_argument("--resume", action="store_true", help="skip (dataset, variant, seed) runs already in "
+                   "WORK/rows.jsonl with the same recipe")
     args = p.parse_args()
     import torch
 
@@ -194,14 +222,16 @@ def main() -> None:
               f"{args.jobs} runs at a time x {args.threads} thread(s), CPU only"
     work = Path(args.work).resolve()
     sources = {name: work / name for name in names} if args.from_rows else {n: upstream(n, work) for n in names}
-    if args.from_rows:  # summarize runs already done (e.g. a long run stopped early)
-        rows = [json.loads(line) for line in Path(args.from_rows).read_text().splitlines() if line.strip()]
-        rows = [r for r in rows if r["dataset"] in names and r["variant"] in variants]
+    if args.from_rows:  # summarize the runs already done with today's recipes (e.g. a long run stopped early)
+        rows = [r for r in _done_rows(work, names, variants).values() if r["seed"] < 42 + args.seeds]
     else:
         jobs = [(n, sources[n], v, 42 + s, args.split, args.threads) for s in range(args.seeds) for n in names
                 for v in variants]  # seed-major: every dataset and variant gets its seeds in step
+        done = _done_rows(work, names, variants) if args.resume else {}
+        todo = [job for job in jobs if (job[0], job[2], job[3]) not in done]
         with ProcessPoolExecutor(args.jobs) as pool:
-            rows = list(pool.map(one_run, *zip(*jobs)))
+            fresh = iter(list(pool.map(one_run, *zip(*todo))) if todo else [])
+        rows = [done.get((j[0], j[2], j[3])) or next(fresh) for j in jobs]
     summary = summarize(rows, args.split, variants)
     text = markdown(summary, args, machine, started)
     print(text)

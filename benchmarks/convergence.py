@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -57,15 +58,17 @@ def main() -> None:
     p.add_argument("--config", default="pipelines/lastfm.toml")
     p.add_argument("--work", default="bloger-work/convergence")
     p.add_argument("--out", default="pipelines/results/lastfm-convergence")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="threads per side (the sides run at the same time)")
     args = p.parse_args()
     import torch
 
     config = (ROOT / args.config).resolve()
     name = config.stem
     source = upstream(name, Path(args.work).resolve(), config)
-    rows = [train_side(name, source, config, side, args.threads) for side in SIDES]
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads, CPU"
+    with ProcessPoolExecutor(len(SIDES)) as pool:  # side by side, each with --threads threads
+        rows = list(pool.map(train_side, *zip(*[(name, source, config, side, args.threads) for side in SIDES])))
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, both sides at once with "
+               f"{args.threads} thread(s) each, CPU")
     lines = [f"# {name}: convergence on the CPU (generated; do not edit)", "",
              f"Command: `python benchmarks/convergence.py --config {args.config}`  ", f"Machine: {machine}  ",
              f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "",
