@@ -77,8 +77,13 @@ def child(side: str, args: argparse.Namespace) -> dict:
         from bloger_cli.training.sampler import epoch_batches
 
         lengths = load_split(Path(args.lengths), "train").lengths().clamp_max(h)
-        batches = epoch_batches(0, 1, lengths, b, None if side == "hf-dense" else 50)
-        batches = [x for x in batches if len(x) == b][:len(widths)]
+        batches = [x for x in epoch_batches(0, 1, lengths, b, None if side == "hf-dense" else 50) if len(x) == b]
+        if side != "hf-dense":  # a few steps stand for an epoch: batches at evenly spaced quantiles of the widths
+            batches.sort(key=lambda x: int(lengths[x].max()))
+            batches = [batches[int((i + 0.5) * len(batches) / len(widths))] for i in range(len(widths))]
+            warm = batches.pop(len(batches) // 2)
+            batches = [warm, *batches]  # the warm-up step takes the median width
+        batches = batches[:len(widths)]
         step_masks = [torch.arange(h)[None, :] < lengths[x][:, None] for x in batches]  # (B, H) items present
         if side != "hf-dense":
             widths = [int(lengths[x].max()) for x in batches]
