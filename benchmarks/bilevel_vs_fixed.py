@@ -170,7 +170,9 @@ def markdown(summary: dict, args: argparse.Namespace, machine: str, started: str
     lines = ["# Bilevel against fixed (generated; do not edit)", "",
              f"Command: `python benchmarks/bilevel_vs_fixed.py --datasets {args.datasets} --variants {args.variants} "
              f"--seeds {args.seeds} --split {args.split}`{' (these rows were summarized from WORK/rows.jsonl)' if args.from_rows else ''}  ",
-             f"Machine: {machine}  ", f"Started: {started}", "",
+             f"Machine: {machine}  ", f"Seeds: {', '.join(str(42 + i) for i in range(args.seeds))} (the same seed: the "
+             "same initial weights and batch order in every variant)  ",
+             f"{'Summarized' if args.from_rows else 'Started'}: {started}", "",
              f"Item-level {split} metrics, mean ± 95% t interval over seeds; 'paired' is the mean of (variant - "
              "fixed) over the same seeds with its 95% interval and the seeds where the variant won; * marks an "
              "interval that excludes 0; 'val N@10' is the mean best validation NDCG@10 (a fixed sample of 500 "

@@ -55,6 +55,12 @@ def train_side(name: str, source: Path, config: Path, side: str, threads: int, b
             "test": test["metrics"]}
 
 
+def resolve_seed(config: Path) -> int:
+    from bloger_cli.config import resolve_config
+
+    return resolve_config("train-bilevel", config).seed
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="pipelines/lastfm.toml")
@@ -77,6 +83,7 @@ def main() -> None:
     lines = [f"# {name}: convergence on the CPU (generated; do not edit)", "",
              f"Command: `python benchmarks/convergence.py --config {args.config}"
              f"{' --time-budget ' + args.time_budget if args.time_budget else ''}`  ", f"Machine: {machine}  ",
+             f"Seed: {resolve_seed(config)} (the config's; both sides)  ",
              f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "",
              "Mode fixed, the recipe of the config, trained until early stopping (or the --time-budget cap); test "
              "metrics of best.pt.", "",
