@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -23,6 +23,7 @@ from bloger_cli.config import resolve_config
 from bloger_cli.errors import BlogerError, Interrupted, WorkspaceError
 from bloger_cli.render import RENDERERS, emit, err, render_report, render_runs
 from bloger_cli.workspace import DEFAULT_WORKSPACE, Workspace, stage_status
+
 _state = {"debug": False}
 
 
@@ -80,7 +81,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main_options(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+    version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True,
                                                     help="Print the version and exit.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each step (stderr).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors; no progress bars.")] = False,
@@ -101,8 +102,8 @@ def main_options(
 # Options every stage command shares.
 WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", envvar="BLOGER_WORKSPACE",
                                             help="Workspace directory (catalog + artifacts).")]
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config; its stage section is used.")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key: key=value (repeatable).")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config; its stage section is used.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config key: key=value (repeatable).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if it is up to date.")]
 LockOpt = Annotated[float, typer.Option("--lock-timeout", help="Seconds to wait for a busy workspace.")]
@@ -116,23 +117,23 @@ def prepare(
     as_json: JsonOpt = False,
     force: ForceOpt = False,
     lock_timeout: LockOpt = 60.0,
-    source: Annotated[Optional[str], typer.Option(
+    source: Annotated[str | None, typer.Option(
         help="letter | amazon | amazon2023 | movielens | recbole | table | synthetic")] = None,
-    input: Annotated[Optional[Path], typer.Option("--input", "-i", help="Interactions file or source directory.")] = None,
-    items: Annotated[Optional[Path], typer.Option(help="Item metadata file (default: found beside the input).")] = None,
-    user_col: Annotated[Optional[str], typer.Option(help="table: user column.")] = None,
-    item_col: Annotated[Optional[str], typer.Option(help="table: item column.")] = None,
-    time_col: Annotated[Optional[str], typer.Option(help="table: timestamp column.")] = None,
-    rating_col: Annotated[Optional[str], typer.Option(help="table: rating column.")] = None,
-    item_key_col: Annotated[Optional[str], typer.Option(help="table: item key column in --items.")] = None,
-    min_rating: Annotated[Optional[float], typer.Option(help="Keep interactions rated at least this.")] = None,
-    duplicates: Annotated[Optional[str], typer.Option(help="Repeated (user, item): first | all.")] = None,
-    min_user_interactions: Annotated[Optional[int], typer.Option(help="k-core threshold for users [5].")] = None,
-    min_item_interactions: Annotated[Optional[int], typer.Option(help="k-core threshold for items [5].")] = None,
-    max_history: Annotated[Optional[int], typer.Option(help="History length of each sample [20].")] = None,
+    input: Annotated[Path | None, typer.Option("--input", "-i", help="Interactions file or source directory.")] = None,
+    items: Annotated[Path | None, typer.Option(help="Item metadata file (default: found beside the input).")] = None,
+    user_col: Annotated[str | None, typer.Option(help="table: user column.")] = None,
+    item_col: Annotated[str | None, typer.Option(help="table: item column.")] = None,
+    time_col: Annotated[str | None, typer.Option(help="table: timestamp column.")] = None,
+    rating_col: Annotated[str | None, typer.Option(help="table: rating column.")] = None,
+    item_key_col: Annotated[str | None, typer.Option(help="table: item key column in --items.")] = None,
+    min_rating: Annotated[float | None, typer.Option(help="Keep interactions rated at least this.")] = None,
+    duplicates: Annotated[str | None, typer.Option(help="Repeated (user, item): first | all.")] = None,
+    min_user_interactions: Annotated[int | None, typer.Option(help="k-core threshold for users [5].")] = None,
+    min_item_interactions: Annotated[int | None, typer.Option(help="k-core threshold for items [5].")] = None,
+    max_history: Annotated[int | None, typer.Option(help="History length of each sample [20].")] = None,
 ) -> None:
     """Turn raw interactions (+ item text) into interactions, users, items and sequences artifacts."""
-    from bloger_cli.data.prepare import run
+    from bloger_cli.stages.prepare import run
 
     options = dict(source=source, input=input, items=items, user_col=user_col, item_col=item_col,
                    time_col=time_col, rating_col=rating_col, item_key_col=item_key_col, min_rating=min_rating,
@@ -149,19 +150,19 @@ def embed(
     as_json: JsonOpt = False,
     force: ForceOpt = False,
     lock_timeout: LockOpt = 60.0,
-    model: Annotated[Optional[str], typer.Option(
+    model: Annotated[str | None, typer.Option(
         help="sentence-transformers model name or local directory [all-MiniLM-L6-v2].")] = None,
-    template: Annotated[Optional[str], typer.Option(
+    template: Annotated[str | None, typer.Option(
         help="Text template over item fields, e.g. '{title}. Brand: {brand}. {categories}'.")] = None,
-    on_missing_text: Annotated[Optional[str], typer.Option(
+    on_missing_text: Annotated[str | None, typer.Option(
         help="Items with no text: error | skip | empty.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Texts per encoder batch [128].")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | mps.")] = None,
-    from_file: Annotated[Optional[Path], typer.Option(
+    batch_size: Annotated[int | None, typer.Option(help="Texts per encoder batch [128].")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | mps.")] = None,
+    from_file: Annotated[Path | None, typer.Option(
         help="Import a precomputed matrix (.npy rows in item_id order, or .parquet item_id + embedding).")] = None,
 ) -> None:
     """Encode each item's text into an embedding (cached by text hash, so re-runs encode only new text)."""
-    from bloger_cli.embed import run
+    from bloger_cli.stages.embed import run
 
     options = dict(model=model, template=template, on_missing_text=on_missing_text, batch_size=batch_size,
                    device=device, from_file=from_file)
@@ -176,17 +177,17 @@ def tokenize(
     as_json: JsonOpt = False,
     force: ForceOpt = False,
     lock_timeout: LockOpt = 60.0,
-    method: Annotated[Optional[str], typer.Option(help="rqvae | rq-kmeans.")] = None,
-    levels: Annotated[Optional[int], typer.Option(help="Residual levels L [4].")] = None,
-    codebook_size: Annotated[Optional[int], typer.Option(help="Codes per level K [256].")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="RQ-VAE training epochs [200].")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed [42].")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | mps.")] = None,
-    warm_start: Annotated[Optional[Path], typer.Option(
+    method: Annotated[str | None, typer.Option(help="rqvae | rq-kmeans.")] = None,
+    levels: Annotated[int | None, typer.Option(help="Residual levels L [4].")] = None,
+    codebook_size: Annotated[int | None, typer.Option(help="Codes per level K [256].")] = None,
+    epochs: Annotated[int | None, typer.Option(help="RQ-VAE training epochs [200].")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed [42].")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | mps.")] = None,
+    warm_start: Annotated[Path | None, typer.Option(
         help="An earlier workspace or tokenizer file to start from (then --epochs more; 0: codes only).")] = None,
 ) -> None:
     """Train the item tokenizer and give every item a semantic ID (collisions disambiguated)."""
-    from bloger_cli.tokenizer.stage import run
+    from bloger_cli.stages.tokenize import run
 
     options = dict(method=method, levels=levels, codebook_size=codebook_size, epochs=epochs, seed=seed,
                    device=device, warm_start=warm_start)
@@ -201,28 +202,28 @@ def train_bilevel(
     as_json: JsonOpt = False,
     force: ForceOpt = False,
     lock_timeout: LockOpt = 60.0,
-    mode: Annotated[Optional[str], typer.Option(
+    mode: Annotated[str | None, typer.Option(
         help="fixed (tokenizer frozen, TIGER) | joint | bilevel (BLOGER) [bilevel].")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs [200].")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Training samples per step [256].")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed [42].")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | mps.")] = None,
-    val_users: Annotated[Optional[int], typer.Option(
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs [200].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Training samples per step [256].")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed [42].")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | mps.")] = None,
+    val_users: Annotated[int | None, typer.Option(
         help="Validate on a fixed sample of this many users [all].")] = None,
-    lam: Annotated[Optional[float], typer.Option("--lambda", help="Weight of the tokenizer loss [0.5].")] = None,
-    surgery: Annotated[Optional[str], typer.Option(help="pcgrad | none | official [pcgrad].")] = None,
-    updates_per_epoch: Annotated[Optional[int], typer.Option(help="Tokenizer meta steps per epoch [1].")] = None,
-    time_budget: Annotated[Optional[str], typer.Option(
+    lam: Annotated[float | None, typer.Option("--lambda", help="Weight of the tokenizer loss [0.5].")] = None,
+    surgery: Annotated[str | None, typer.Option(help="pcgrad | none | official [pcgrad].")] = None,
+    updates_per_epoch: Annotated[int | None, typer.Option(help="Tokenizer meta steps per epoch [1].")] = None,
+    time_budget: Annotated[str | None, typer.Option(
         help="Stop after this much wall time, e.g. 90s, 20m, 1h30m; the schedule spans it [none].")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps [none].")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps [none].")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run of this workspace.")] = False,
-    warm_start: Annotated[Optional[Path], typer.Option(
+    warm_start: Annotated[Path | None, typer.Option(
         help="An earlier workspace or checkpoint whose recommender weights to start from.")] = None,
 ) -> None:
     """Train the generative recommender (and, in modes joint and bilevel, the tokenizer) on the semantic IDs.
 
     Other settings via --set model.X, train.X and bilevel.X."""
-    from bloger_cli.training.stage import run
+    from bloger_cli.stages.train import run
 
     options = {"mode": mode, "epochs": epochs, "batch_size": batch_size, "seed": seed, "device": device,
                "train.val_users": val_users, "bilevel.lam": lam, "bilevel.surgery": surgery,
@@ -239,16 +240,16 @@ def evaluate(
     as_json: JsonOpt = False,
     force: ForceOpt = False,
     lock_timeout: LockOpt = 60.0,
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint to evaluate [WORKSPACE/best.pt].")] = None,
-    split: Annotated[Optional[str], typer.Option(help="test | valid [test].")] = None,
-    k: Annotated[Optional[str], typer.Option("--k", help="Cut-offs, comma-separated [1,5,10,20].")] = None,
-    beam: Annotated[Optional[int], typer.Option(help="Beam width of constrained decoding [20].")] = None,
-    decode: Annotated[Optional[str], typer.Option(help="beam | exact (score every item; small catalogs) [beam].")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Users per decoding batch [256].")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | mps.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint to evaluate [WORKSPACE/best.pt].")] = None,
+    split: Annotated[str | None, typer.Option(help="test | valid [test].")] = None,
+    k: Annotated[str | None, typer.Option("--k", help="Cut-offs, comma-separated [1,5,10,20].")] = None,
+    beam: Annotated[int | None, typer.Option(help="Beam width of constrained decoding [20].")] = None,
+    decode: Annotated[str | None, typer.Option(help="beam | exact (score every item; small catalogs) [beam].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Users per decoding batch [256].")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | mps.")] = None,
 ) -> None:
     """Decode held-out users and report Recall@K and NDCG@K (item-level), beside a popularity baseline."""
-    from bloger_cli.evaluation import run
+    from bloger_cli.stages.evaluate import run
 
     options = dict(checkpoint=checkpoint, split=split, k=k, beam=beam, decode=decode, batch_size=batch_size,
                    device=device)
@@ -263,18 +264,18 @@ def baseline(
     as_json: JsonOpt = False,
     force: ForceOpt = False,
     lock_timeout: LockOpt = 60.0,
-    model: Annotated[Optional[str], typer.Option("--model", help="sasrec | popularity [sasrec].")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Maximum SASRec epochs [200].")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Training samples per step [256].")] = None,
-    patience: Annotated[Optional[int], typer.Option(help="Epochs without a better validation NDCG@10 [10].")] = None,
-    k: Annotated[Optional[str], typer.Option("--k", help="Cut-offs, comma-separated [1,5,10,20].")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed [42].")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | mps.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="sasrec | popularity [sasrec].")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Maximum SASRec epochs [200].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Training samples per step [256].")] = None,
+    patience: Annotated[int | None, typer.Option(help="Epochs without a better validation NDCG@10 [10].")] = None,
+    k: Annotated[str | None, typer.Option("--k", help="Cut-offs, comma-separated [1,5,10,20].")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed [42].")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | mps.")] = None,
 ) -> None:
     """Train and test a baseline (SASRec, or popularity) on the workspace's own split and metrics.
 
     SASRec settings via --set sasrec.X (layers, heads, hidden, inner, dropout, lr, weight_decay)."""
-    from bloger_cli.baseline.stage import run
+    from bloger_cli.stages.baseline import run
 
     options = dict(model=model, epochs=epochs, batch_size=batch_size, patience=patience, k=k, seed=seed,
                    device=device)
@@ -288,14 +289,14 @@ def export_ids(
     set_: SetOpt = None,
     as_json: JsonOpt = False,
     lock_timeout: LockOpt = 60.0,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file.")] = None,
-    format: Annotated[Optional[str], typer.Option(help="parquet | csv | jsonl [from the suffix].")] = None,
-    from_: Annotated[Optional[str], typer.Option("--from", help="tokenize | train [tokenize].")] = None,
-    codebooks: Annotated[Optional[Path], typer.Option(help="Also write the codebooks (level, code, vector).")] = None,
-    compare: Annotated[Optional[Path], typer.Option(help="An earlier export: count items whose ID changed.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output file.")] = None,
+    format: Annotated[str | None, typer.Option(help="parquet | csv | jsonl [from the suffix].")] = None,
+    from_: Annotated[str | None, typer.Option("--from", help="tokenize | train [tokenize].")] = None,
+    codebooks: Annotated[Path | None, typer.Option(help="Also write the codebooks (level, code, vector).")] = None,
+    compare: Annotated[Path | None, typer.Option(help="An earlier export: count items whose ID changed.")] = None,
 ) -> None:
     """Export item key, item id and semantic ID (Parquet, CSV or JSONL)."""
-    from bloger_cli.export import run
+    from bloger_cli.stages.export import run
 
     options = dict(out=out, format=format, from_=from_, codebooks=codebooks, compare=compare)
     _stage("export-ids", run, workspace, config, options, set_, as_json, True, lock_timeout)
@@ -338,12 +339,12 @@ def status(workspace: WorkspaceOpt = DEFAULT_WORKSPACE, as_json: JsonOpt = False
 
 @app.command()
 def runs(
-    workspace: Annotated[Optional[list[Path]], typer.Option(
+    workspace: Annotated[list[Path] | None, typer.Option(
         "--workspace", "-w", envvar="BLOGER_WORKSPACE",
         help="Workspace to list (repeatable: several side by side).")] = None,
-    stage: Annotated[Optional[str], typer.Option(help="Only this stage's runs.")] = None,
-    mode: Annotated[Optional[str], typer.Option(help="Only runs of this mode: fixed, joint or bilevel.")] = None,
-    run_status: Annotated[Optional[str], typer.Option("--status", help="Only runs with this status: "
+    stage: Annotated[str | None, typer.Option(help="Only this stage's runs.")] = None,
+    mode: Annotated[str | None, typer.Option(help="Only runs of this mode: fixed, joint or bilevel.")] = None,
+    run_status: Annotated[str | None, typer.Option("--status", help="Only runs with this status: "
                                                       "done, failed, interrupted, running or killed.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -358,14 +359,14 @@ def runs(
 
 @app.command()
 def report(
-    workspace: Annotated[Optional[list[Path]], typer.Option(
+    workspace: Annotated[list[Path] | None, typer.Option(
         "--workspace", "-w", envvar="BLOGER_WORKSPACE",
         help="Workspace whose runs to report (repeatable: several side by side).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory [WORKSPACE/report].")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Title (and the results file's name).")] = None,
-    results: Annotated[Optional[Path], typer.Option(
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output directory [WORKSPACE/report].")] = None,
+    name: Annotated[str | None, typer.Option(help="Title (and the results file's name).")] = None,
+    results: Annotated[Path | None, typer.Option(
         help="Also write RESULTS/NAME.md and .json, the reproduction results file of `make -C pipelines`.")] = None,
-    train_flags: Annotated[Optional[str], typer.Option(help="TRAIN_FLAGS the runs were made with, to record.")] = None,
+    train_flags: Annotated[str | None, typer.Option(help="TRAIN_FLAGS the runs were made with, to record.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Write into an output directory that exists.")] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -374,7 +375,7 @@ def report(
     """Write an HTML report with figures: training curves, tokenizer updates, codebook usage, test metrics
     of every run and baseline (mean ± 95% interval over seeds), and the configs that differ. Needs
     matplotlib, the `plot` extra of bloger."""
-    from bloger_cli.report.stage import run
+    from bloger_cli.stages.report import run
 
     roots = workspace or [DEFAULT_WORKSPACE]
     options = dict(out=out or roots[0] / "report", name=name, results=results, train_flags=train_flags)

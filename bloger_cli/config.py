@@ -21,8 +21,14 @@ from bloger_cli.cutoffs import DEFAULT_KS, parse_ks, positive_ks
 from bloger_cli.errors import ConfigError
 from bloger_cli.report.config import ReportConfig
 from bloger_cli.serving.config import ExportModelConfig, RecommendConfig
-from bloger_cli.training.config import (BilevelConfig, ModelConfig, TrainBilevelConfig,  # noqa: F401  (re-exported)
-                                        TrainConfig, TrainMode, parse_duration)
+from bloger_cli.training.config import (  # noqa: F401  (re-exported)
+    BilevelConfig,
+    ModelConfig,
+    TrainBilevelConfig,
+    TrainConfig,
+    TrainMode,
+    parse_duration,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -53,7 +59,7 @@ class SyntheticConfig(StrictModel):
     seed: int = Field(0, ge=0, description="same seed, same data")
 
     @model_validator(mode="after")
-    def _enough_items(self) -> "SyntheticConfig":
+    def _enough_items(self) -> SyntheticConfig:
         if self.items < self.categories:
             raise ValueError(
                 f"synthetic.items ({self.items}) must be at least synthetic.categories ({self.categories})"
@@ -90,7 +96,7 @@ class PrepareConfig(StrictModel):
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
 
     @model_validator(mode="after")
-    def _source_needs(self) -> "PrepareConfig":
+    def _source_needs(self) -> PrepareConfig:
         if self.source == "synthetic":
             if self.input is not None:
                 raise ValueError("input must not be set when source is 'synthetic'")
@@ -123,7 +129,7 @@ class EmbedConfig(StrictModel):
     from_file: Path | None = Field(None, description="import a precomputed matrix (.npy or .parquet)")
 
     @model_validator(mode="after")
-    def _template_or_fields(self) -> "EmbedConfig":
+    def _template_or_fields(self) -> EmbedConfig:
         if self.template is not None and self.fields is not None:
             raise ValueError("give either template or fields, not both")
         if self.from_file is not None and (self.template is not None or self.fields is not None):
@@ -158,7 +164,7 @@ class TokenizeConfig(StrictModel):
     device: Device = "auto"
 
     @model_validator(mode="after")
-    def _positive_widths(self) -> "TokenizeConfig":
+    def _positive_widths(self) -> TokenizeConfig:
         if self.hidden is not None and any(width < 1 for width in self.hidden):
             raise ValueError(f"hidden widths must be >= 1 (got {self.hidden}); leave hidden unset for the default")
         return self
@@ -195,7 +201,7 @@ class EvaluateConfig(StrictModel):
     _positive_ks = field_validator("k")(classmethod(lambda cls, value: positive_ks(value)))
 
     @model_validator(mode="after")
-    def _beam_covers_k(self) -> "EvaluateConfig":
+    def _beam_covers_k(self) -> EvaluateConfig:
         if self.decode == "beam" and self.beam < max(self.k):
             raise ValueError(f"beam ({self.beam}) must be at least the largest k ({max(self.k)}): a beam of "
                              f"width W yields W items")

@@ -12,16 +12,24 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from filelock import FileLock, Timeout
 from pydantic import BaseModel
 
-from bloger_cli.artifacts import (SPECS, ArtifactInfo, ArtifactSpec, file_hash, make_metadata, read_info,
-                                  temp_path_for)
+from bloger_cli.artifacts import (
+    SPECS,
+    ArtifactInfo,
+    ArtifactSpec,
+    file_hash,
+    make_metadata,
+    read_info,
+    temp_path_for,
+)
 from bloger_cli.catalog import Catalog, RunRecord
 from bloger_cli.config import config_hash
 from bloger_cli.errors import ArtifactError, Interrupted, WorkspaceBusy, WorkspaceError

@@ -24,7 +24,7 @@ class SASRecConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (RecBole: 0)")
 
     @model_validator(mode="after")
-    def _heads_divide_hidden(self) -> "SASRecConfig":
+    def _heads_divide_hidden(self) -> SASRecConfig:
         if self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
         return self

@@ -4,7 +4,7 @@ imports this module at its end so that they are registered)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -23,27 +23,27 @@ def recommend(
     set_: SetOpt = None,
     as_json: JsonOpt = False,
     force: OverwriteOpt = False,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file: .parquet, .csv or .jsonl.")] = None,
-    k: Annotated[Optional[int], typer.Option("--k", help="Items per user [10].")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint to serve [WORKSPACE/best.pt].")] = None,
-    model: Annotated[Optional[Path], typer.Option(
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output file: .parquet, .csv or .jsonl.")] = None,
+    k: Annotated[int | None, typer.Option("--k", help="Items per user [10].")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint to serve [WORKSPACE/best.pt].")] = None,
+    model: Annotated[Path | None, typer.Option(
         help="A `bloger export-model` file: serve --histories without a workspace.")] = None,
-    users: Annotated[Optional[Path], typer.Option(help="File of user keys, one a line [every user].")] = None,
-    histories: Annotated[Optional[Path], typer.Option(
+    users: Annotated[Path | None, typer.Option(help="File of user keys, one a line [every user].")] = None,
+    histories: Annotated[Path | None, typer.Option(
         help="Parquet or JSONL of new histories: user_key, items: [item_key, ...].")] = None,
-    as_of: Annotated[Optional[str], typer.Option(
+    as_of: Annotated[str | None, typer.Option(
         help="test | valid: cut histories where evaluate does [the whole sequence].")] = None,
-    exclude_seen: Annotated[Optional[bool], typer.Option(
+    exclude_seen: Annotated[bool | None, typer.Option(
         "--exclude-seen/--no-exclude-seen", help="Leave out items the user already has [on].")] = None,
-    beam: Annotated[Optional[int], typer.Option(help="Beam width, widened to K + seen items [20].")] = None,
-    decode: Annotated[Optional[str], typer.Option(help="beam | exact (score every item) [beam].")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Users per decoding batch [256].")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | mps.")] = None,
-    with_titles: Annotated[Optional[bool], typer.Option(
+    beam: Annotated[int | None, typer.Option(help="Beam width, widened to K + seen items [20].")] = None,
+    decode: Annotated[str | None, typer.Option(help="beam | exact (score every item) [beam].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Users per decoding batch [256].")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | mps.")] = None,
+    with_titles: Annotated[bool | None, typer.Option(
         "--with-titles", help="Add the item title (when the items have one).")] = None,
 ) -> None:
     """Write the top-K items for every user (or --users, or new --histories) with the trained model."""
-    from bloger_cli.serving.recommend import run
+    from bloger_cli.stages.recommend import run
 
     options = dict(out=out, k=k, checkpoint=checkpoint, model=model, users=users, histories=histories,
                    as_of=as_of, exclude_seen=exclude_seen, beam=beam, decode=decode, batch_size=batch_size,
@@ -60,13 +60,13 @@ def export_model(
     set_: SetOpt = None,
     as_json: JsonOpt = False,
     force: OverwriteOpt = False,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="torch: a file; hf: a folder.")] = None,
-    format: Annotated[Optional[str], typer.Option(
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="torch: a file; hf: a folder.")] = None,
+    format: Annotated[str | None, typer.Option(
         help="torch (one file for `recommend --model`) | hf (a transformers folder) [torch].")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint to export [WORKSPACE/best.pt].")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint to export [WORKSPACE/best.pt].")] = None,
 ) -> None:
     """Export the trained model, its semantic IDs and vocabulary for serving (one file, or a HF folder)."""
-    from bloger_cli.serving.export_model import run
+    from bloger_cli.stages.export_model import run
 
     cfg = resolve_config("export-model", config, dict(out=out, format=format, checkpoint=checkpoint), set_)
     result = run(cfg, Workspace(workspace), force=force)

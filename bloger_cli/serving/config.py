@@ -29,7 +29,7 @@ class RecommendConfig(StrictModel):
     with_titles: bool = Field(False, description="add the item title (when the items have one)")
 
     @model_validator(mode="after")
-    def _one_source(self) -> "RecommendConfig":
+    def _one_source(self) -> RecommendConfig:
         if self.users is not None and self.histories is not None:
             raise ValueError("give users (--users) or histories (--histories), not both")
         if self.model is not None and self.checkpoint is not None:

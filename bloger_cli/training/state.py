@@ -11,10 +11,10 @@ import torch
 from torch import Tensor, nn
 
 from bloger_cli.config import TrainBilevelConfig
+from bloger_cli.data.samples import Samples
 from bloger_cli.recommender.model import Recommender
 from bloger_cli.recommender.vocab import Vocab
 from bloger_cli.training.checkpoint import rng_state, set_rng_state
-from bloger_cli.training.data import Samples
 from bloger_cli.training.distributed import Distributed
 from bloger_cli.training.schedule import Clock, Plan, lr_factor
 

@@ -19,10 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from bloger_cli import export
 from bloger_cli.artifacts import file_hash, save_torch, write_arrow
 from bloger_cli.config import ExportConfig, TokenizeConfig
 from bloger_cli.errors import ArtifactError, ConfigError, DataError
+from bloger_cli.stages import export
 from bloger_cli.workspace import Workspace, run_stage
 
 KEYS = ["2", "3", "4", "5", "10"]

@@ -22,15 +22,15 @@ import torch
 from torch import Tensor
 
 from bloger_cli.errors import ConfigError
-from bloger_cli.evaluation import rank_histories
 from bloger_cli.progress import Bar
 from bloger_cli.recommender.decoding import PrefixIndex
 from bloger_cli.recommender.model import Recommender
+from bloger_cli.recommender.ranking import rank_histories
+from bloger_cli.runtime import resolve_device
 from bloger_cli.serving.bundle import Served, from_file, from_workspace
 from bloger_cli.serving.config import RecommendConfig
 from bloger_cli.serving.output import RowWriter, check_output
 from bloger_cli.serving.requests import Requests, new_histories, workspace_users
-from bloger_cli.training.runtime import resolve_device
 from bloger_cli.workspace import Workspace
 
 log = logging.getLogger(__name__)

@@ -24,9 +24,10 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import duckdb
 import numpy as np
@@ -39,7 +40,13 @@ from bloger_cli import __version__
 from bloger_cli.artifacts import SPECS, ArtifactInfo, load_torch, temp_path_for
 from bloger_cli.config import ExportConfig
 from bloger_cli.errors import ArtifactError, ConfigError, DataError
-from bloger_cli.workspace import StageContext, StageResult, Workspace, raw_fingerprint, run_stage
+from bloger_cli.workspace import (
+    StageContext,
+    StageResult,
+    Workspace,
+    raw_fingerprint,
+    run_stage,
+)
 
 log = logging.getLogger(__name__)
 
