@@ -6,9 +6,19 @@ from __future__ import annotations
 import typing
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Device = Literal["auto", "cpu", "cuda", "mps"]
+
+
+def device_field() -> Any:
+    """The `device` setting every torch stage has, declared once."""
+    return Field("auto", description="where to run; auto: cuda, else mps, else cpu")
+
+
+def seed_field(default: int = 42) -> Any:
+    """The `seed` setting of every stage that draws random numbers, declared once."""
+    return Field(default, description="random seed: the same seed on the same device gives the same result")
 
 
 class StrictModel(BaseModel):
