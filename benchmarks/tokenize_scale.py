@@ -41,13 +41,7 @@ def child(phase: str, n: int, threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
     from bloger_cli.config import TokenizeConfig
-    from bloger_cli.tokenizer.semantic_ids import (
-        assign_all,
-        collision_report,
-        disambiguate,
-        level_stats,
-        prefix_groups,
-    )
+    from bloger_cli.tokenizer.semantic_ids import assign_all, collision_report, disambiguate, level_stats, prefix_groups
     from bloger_cli.tokenizer.trainer import init_codebooks, new_tokenizer, run_epoch
 
     cfg = TokenizeConfig(method="rq-kmeans" if phase == "rq-kmeans" else "rqvae")

@@ -22,6 +22,7 @@ from bloger_cli import __version__
 from bloger_cli.errors import ArtifactError
 
 SCHEMA_VERSION_KEY = "bloger.schema_version"
+RUN_STAGES = frozenset({"train-bilevel", "evaluate", "baseline"})  # their outputs live per run
 ANY_SIZE = 0  # a fixed_size_list of this size in a spec accepts any width (embedding dimension, ID length)
 
 
@@ -39,6 +40,12 @@ class ArtifactSpec:
 
     def missing_hint(self) -> str:
         return f"run `bloger {self.producer}` first"
+
+    @property
+    def per_run(self) -> bool:
+        """Whether each run of a workspace has its own artifact of this kind (runs/NAME/...), or the
+        workspace has one, shared by its runs (the data, embeddings and tokenizer)."""
+        return self.producer in RUN_STAGES
 
 
 SPECS: dict[str, ArtifactSpec] = {

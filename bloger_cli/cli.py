@@ -24,7 +24,7 @@ from typer.core import TyperGroup
 from bloger_cli import __version__, progress
 from bloger_cli.config import resolve_config, stage_config
 from bloger_cli.errors import BlogerError, Interrupted, WorkspaceError
-from bloger_cli.options import Invocation, JsonOpt, Opt, WorkspaceOpt, command_function
+from bloger_cli.options import Invocation, JsonOpt, Opt, RunOpt, WorkspaceOpt, command_function
 from bloger_cli.render import RENDERERS, emit, err, render_generic, render_report, render_runs
 from bloger_cli.workspace import DEFAULT_WORKSPACE, Workspace, stage_status
 
@@ -109,6 +109,7 @@ def main_options(
 # are imported when a command runs, so that `bloger --help` does not load torch.
 
 STAGE_SHARED = ("workspace", "config", "set_", "as_json", "force", "lock_timeout")
+RUN_SHARED = (*STAGE_SHARED, "run")  # the stages whose outputs belong to a run (runs/NAME/)
 
 
 def stage_command(name: str, module: str, opts: list[Opt], doc: str, *, shared: tuple[str, ...] = STAGE_SHARED,
@@ -119,8 +120,8 @@ def stage_command(name: str, module: str, opts: list[Opt], doc: str, *, shared: 
     def body(call: Invocation) -> None:
         run = importlib.import_module(f"bloger_cli.stages.{module}").run
         s = call.shared
-        _stage(name, run, s["workspace"], s["config"], call.options, s["set_"], s["as_json"],
-               s.get("force", False) if force is None else force, s["lock_timeout"], **call.extra)
+        _stage(name, run, Workspace(s["workspace"], s.get("run")), s["config"], call.options, s["set_"],
+               s["as_json"], s.get("force", False) if force is None else force, s["lock_timeout"], **call.extra)
 
     app.command(name)(command_function(name, model, opts, body, shared=shared, extra=extra, doc=doc))
 
@@ -151,19 +152,21 @@ stage_command("train-bilevel", "train", [
     Opt("bilevel.lam", ("--lambda",)), Opt("bilevel.surgery"), Opt("bilevel.updates_per_epoch"),
     Opt("train.time_budget", kind=str), Opt("train.max_steps"), Opt("warm_start"),
 ], "Train the generative recommender (and, in modes joint and bilevel, the tokenizer) on the semantic "
-   "IDs.\n\nOther settings via --set model.X, train.X and bilevel.X.",
+   "IDs.\n\nOther settings via --set model.X, train.X and bilevel.X.", shared=RUN_SHARED,
     extra=[flag("resume", "--resume", "Continue the interrupted run of this workspace.")])
 
 stage_command("evaluate", "evaluate", [
     Opt("checkpoint"), Opt("split"), Opt("k", ("--k",)), Opt("beam"), Opt("decode"), Opt("batch_size"),
     Opt("device"),
-], "Decode held-out users and report Recall@K and NDCG@K (item-level), beside a popularity baseline.")
+], "Decode held-out users and report Recall@K and NDCG@K (item-level), beside a popularity baseline.",
+    shared=RUN_SHARED)
 
 stage_command("baseline", "baseline", [
     Opt("model", ("--model",)), Opt("epochs"), Opt("batch_size"), Opt("patience"), Opt("k", ("--k",)),
     Opt("seed"), Opt("device"),
 ], "Train and test a baseline (SASRec, or popularity) on the workspace's own split and metrics.\n\n"
-   "SASRec settings via --set sasrec.X (layers, heads, hidden, inner, dropout, lr, weight_decay).")
+   "SASRec settings via --set sasrec.X (layers, heads, hidden, inner, dropout, lr, weight_decay).",
+    shared=RUN_SHARED)
 
 stage_command("export-ids", "export", [
     Opt("out", ("--out", "-o")), Opt("format"), Opt("from_", ("--from",)), Opt("codebooks"), Opt("compare"),
@@ -171,11 +174,11 @@ stage_command("export-ids", "export", [
     shared=("workspace", "config", "set_", "as_json", "lock_timeout"), force=True)
 
 
-def _stage(stage: str, run: Callable[..., Any], workspace: Path, config: Path | None, options: dict[str, Any],
+def _stage(stage: str, run: Callable[..., Any], ws: Workspace, config: Path | None, options: dict[str, Any],
            sets: list[str] | None, as_json: bool, force: bool, lock_timeout: float, **extra: Any) -> None:
     """What every stage command does: resolve the config, run the library function, render."""
     cfg = resolve_config(stage, config, options, sets)
-    out = run(cfg, Workspace(workspace), force=force, lock_timeout=lock_timeout, **extra)
+    out = run(cfg, ws, force=force, lock_timeout=lock_timeout, **extra)
     if not out.run_id:  # a torchrun process other than rank 0: rank 0 reports
         return
     payload = {"stage": stage, "run_id": out.run_id, "skipped": out.skipped, "result": out.result}
@@ -187,7 +190,7 @@ def _stage(stage: str, run: Callable[..., Any], workspace: Path, config: Path | 
 # ------------------------------------------------------------------------------ serving commands
 
 ReplaceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing --out.")]
-SERVING_SHARED = ("workspace", "config", "set_", "as_json")
+SERVING_SHARED = ("workspace", "config", "set_", "as_json", "run")
 
 
 def serving_command(name: str, module: str, opts: list[Opt], doc: str) -> None:
@@ -198,7 +201,8 @@ def serving_command(name: str, module: str, opts: list[Opt], doc: str) -> None:
     def body(call: Invocation) -> None:
         run = importlib.import_module(f"bloger_cli.stages.{module}").run
         cfg = resolve_config(name, call.shared["config"], call.options, call.shared["set_"])
-        ws = None if getattr(cfg, "model", None) is not None else Workspace(call.shared["workspace"])
+        ws = None if getattr(cfg, "model", None) is not None else \
+            Workspace(call.shared["workspace"], call.shared["run"])
         result = run(cfg, ws, force=call.extra["replace"])
         emit({"stage": name, "skipped": False, "result": result}, call.shared["as_json"], render_generic)
 
@@ -219,16 +223,17 @@ serving_command("export-model", "export_model", [
 # ------------------------------------------------------------------------- workspace commands
 
 @app.command()
-def status(workspace: WorkspaceOpt = DEFAULT_WORKSPACE, as_json: JsonOpt = False) -> None:
-    """List each stage of a workspace as done, stale or missing."""
-    ws = Workspace(workspace)
+def status(workspace: WorkspaceOpt = DEFAULT_WORKSPACE, run: RunOpt = None, as_json: JsonOpt = False) -> None:
+    """List each stage of a workspace (and of its latest run, or --run) as done, stale or missing."""
+    ws = Workspace(workspace, run)
     if not ws.catalog.path.exists():
         raise WorkspaceError(f"{workspace} is not a bloger workspace (no catalog.duckdb)",
                              hint="run `bloger prepare` first")
+    ws = ws.latest_run()
     rows = stage_status(ws)
 
     def render(result: dict[str, Any]) -> None:
-        table = Table(title=f"workspace {workspace}", title_justify="left")
+        table = Table(title=f"workspace {workspace}" + (f", run {ws.run}" if ws.run else ""), title_justify="left")
         for col in ("stage", "state", "reason", "last run"):
             table.add_column(col)
         colour = {"done": "green", "stale": "yellow", "missing": "red"}
@@ -237,7 +242,7 @@ def status(workspace: WorkspaceOpt = DEFAULT_WORKSPACE, as_json: JsonOpt = False
                           r["run_id"] or "")
         err.print(table)
 
-    emit({"workspace": str(workspace), "stages": rows}, as_json, render)
+    emit({"workspace": str(workspace), "run": ws.run, "stages": rows}, as_json, render)
 
 
 @app.command()

@@ -177,7 +177,8 @@ class ExportConfig(StrictModel):
 
     out: Path = Field(..., description="output file")
     format: Literal["parquet", "csv", "jsonl"] | None = Field(None, description="default: from the suffix")
-    from_: Literal["tokenize", "train"] = Field("tokenize", alias="from", description="the IDs of `bloger tokenize`, or those the trained model decodes with")
+    from_: Literal["tokenize", "train"] = Field("tokenize", alias="from", description="the IDs of `bloger "
+                                                "tokenize`, or those the trained model decodes with")
     codebooks: Path | None = Field(None, description="also write the codebooks (level, code, vector) here")
     compare: Path | None = Field(None, description="an earlier export: report how many items changed ID")
 

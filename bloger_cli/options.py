@@ -153,8 +153,10 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if it is up to date.")]
 LockOpt = Annotated[float, typer.Option("--lock-timeout", help="Seconds to wait for a busy workspace.")]
-RunOpt = Annotated[str | None, typer.Option("--run", help="Name of the run (several per workspace) "
-                                               "[train-bilevel: a new name; others: the latest run].")]
+RunOpt = Annotated[str | None, typer.Option("--run", help="The run (several per workspace, each under "
+                                            "runs/NAME/). train-bilevel and baseline: the run to write (default: "
+                                            "the workspace's unnamed run); evaluate, recommend, export-model, "
+                                            "status: the run to use (default: the latest trained).")]
 
 SHARED: dict[str, tuple[Any, Any]] = {  # parameter -> (annotation, default)
     "workspace": (WorkspaceOpt, DEFAULT_WORKSPACE), "config": (ConfigOpt, None), "set_": (SetOpt, None),

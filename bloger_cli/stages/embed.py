@@ -27,13 +27,7 @@ from bloger_cli.embed.cache import TextCache, text_hash
 from bloger_cli.embed.text import Template, render_texts, resolve_template
 from bloger_cli.errors import DataError
 from bloger_cli.runtime import resolve_device
-from bloger_cli.workspace import (
-    StageContext,
-    StageResult,
-    Workspace,
-    raw_fingerprint,
-    run_stage,
-)
+from bloger_cli.workspace import StageContext, StageResult, Workspace, raw_fingerprint, run_stage
 
 log = logging.getLogger(__name__)
 

@@ -22,24 +22,16 @@ from bloger_cli.metrics import popularity_ranking, ranks, summarize
 from bloger_cli.recommender.decoding import PrefixIndex
 from bloger_cli.recommender.ranking import decode_ranks
 from bloger_cli.runtime import resolve_device
-from bloger_cli.training.checkpoint import (
-    build_recommender,
-    check_trained_on,
-    load_checkpoint,
-)
-from bloger_cli.workspace import (
-    StageContext,
-    StageResult,
-    Workspace,
-    raw_fingerprint,
-    run_stage,
-)
+from bloger_cli.training.checkpoint import build_recommender, check_trained_on, load_checkpoint
+from bloger_cli.workspace import StageContext, StageResult, Workspace, raw_fingerprint, run_stage
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: EvaluateConfig, ws: Workspace, *, force: bool = False, lock_timeout: float = 60.0) -> StageResult:
-    """Evaluate a checkpoint (default: the workspace's best.pt) on the test or validation users."""
+    """Evaluate a checkpoint (default: the run's best.pt; the latest run unless one is named) on the test
+    or validation users."""
+    ws = ws.latest_run()
     sequences = ws.inputs("sequences")["sequences"]
     path = Path(cfg.checkpoint) if cfg.checkpoint is not None else ws.path("checkpoint")
     ckpt = load_checkpoint(path)

@@ -40,13 +40,7 @@ from bloger_cli import __version__
 from bloger_cli.artifacts import SPECS, ArtifactInfo, load_torch, temp_path_for
 from bloger_cli.config import ExportConfig
 from bloger_cli.errors import ArtifactError, ConfigError, DataError
-from bloger_cli.workspace import (
-    StageContext,
-    StageResult,
-    Workspace,
-    raw_fingerprint,
-    run_stage,
-)
+from bloger_cli.workspace import StageContext, StageResult, Workspace, raw_fingerprint, run_stage
 
 log = logging.getLogger(__name__)
 

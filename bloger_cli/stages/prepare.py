@@ -15,23 +15,11 @@ import duckdb
 from bloger_cli.artifacts import copy_query
 from bloger_cli.config import PrepareConfig
 from bloger_cli.data import amazon, movielens, sources, synthetic
-from bloger_cli.data.sources import (
-    Importer,
-    SourceFiles,
-    SourceInfo,
-    quote_ident,
-    sql_literal,
-)
+from bloger_cli.data.sources import Importer, SourceFiles, SourceInfo, quote_ident, sql_literal
 from bloger_cli.data.splits import MIN_SEQUENCE, sample_counts
 from bloger_cli.errors import ConfigError, DataError
 from bloger_cli.progress import Steps
-from bloger_cli.workspace import (
-    StageContext,
-    StageResult,
-    Workspace,
-    raw_fingerprint,
-    run_stage,
-)
+from bloger_cli.workspace import StageContext, StageResult, Workspace, raw_fingerprint, run_stage
 
 log = logging.getLogger(__name__)
 

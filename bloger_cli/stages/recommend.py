@@ -42,7 +42,7 @@ def run(cfg: RecommendConfig, ws: Workspace | None, *, force: bool = False) -> d
     if cfg.k < 1:
         raise ConfigError(f"--k {cfg.k}: must be at least 1")
     fmt = check_output(cfg.out, force)
-    served = from_file(cfg.model) if cfg.model is not None else from_workspace(ws, cfg.checkpoint)
+    served = from_file(cfg.model) if cfg.model is not None else from_workspace(ws.latest_run(), cfg.checkpoint)
     if cfg.k > served.num_items:
         raise ConfigError(f"--k {cfg.k} is larger than the catalog ({served.num_items} items)")
     if cfg.histories is not None:

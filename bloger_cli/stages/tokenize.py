@@ -24,13 +24,7 @@ from bloger_cli.runtime import resolve_device
 from bloger_cli.tokenizer.io import read_embeddings, warm_tokenizer_path
 from bloger_cli.tokenizer.semantic_ids import semantic_ids
 from bloger_cli.tokenizer.trainer import fit_tokenizer
-from bloger_cli.workspace import (
-    StageContext,
-    StageResult,
-    Workspace,
-    raw_fingerprint,
-    run_stage,
-)
+from bloger_cli.workspace import StageContext, StageResult, Workspace, raw_fingerprint, run_stage
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,43 +20,19 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from bloger_cli.artifacts import (
-    SPECS,
-    ArtifactInfo,
-    load_torch,
-    save_torch,
-    write_arrow,
-)
+from bloger_cli.artifacts import SPECS, ArtifactInfo, load_torch, save_torch, write_arrow
 from bloger_cli.config import TrainBilevelConfig, config_hash
-from bloger_cli.data.samples import Samples
 from bloger_cli.errors import ConfigError, Interrupted
 from bloger_cli.progress import Steps
-from bloger_cli.recommender.config import RecommenderConfig
-from bloger_cli.recommender.model import Recommender
-from bloger_cli.runtime import resolve_device, seed_everything, stop_on_sigint
-from bloger_cli.training.checkpoint import (
-    check_resumable,
-    in_progress_dir,
-    load_checkpoint,
-    save_atomic,
-)
+from bloger_cli.runtime import resolve_device, stop_on_sigint
+from bloger_cli.training.checkpoint import check_resumable, in_progress_dir, load_checkpoint, save_atomic
 from bloger_cli.training.distributed import Distributed
 from bloger_cli.training.loop import Stopped, fit
-from bloger_cli.training.setup import (
-    load_data,
-    load_tokenizer_side,
-    warm_checkpoint_path,
-    warm_start,
-)
-from bloger_cli.training.state import TrainData, TrainState, new_state
+from bloger_cli.training.result import run_result
+from bloger_cli.training.setup import build_run, warm_checkpoint_path
+from bloger_cli.training.state import TrainData, TrainState
 from bloger_cli.training.steps import make_step
-from bloger_cli.workspace import (
-    StageContext,
-    StageResult,
-    Workspace,
-    raw_fingerprint,
-    run_stage,
-)
+from bloger_cli.workspace import StageContext, StageResult, Workspace, raw_fingerprint, run_flag, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +58,13 @@ def _run(cfg: TrainBilevelConfig, ws: Workspace, dist: Distributed, *, force: bo
         infos, inputs = dist.broadcast(None)
         if not dist.broadcast(None):  # rank 0 found the stage up to date, or failed before training
             return StageResult("train-bilevel", "", True, {})
-        return StageResult("train-bilevel", "", False, _train(None, cfg, infos, inputs, resume, dist, ws.root))
+        return StageResult("train-bilevel", "", False, _train(None, cfg, infos, inputs, resume, dist, ws))
     training = False
 
     def body(ctx: StageContext) -> dict[str, Any]:
         nonlocal training
         training = dist.broadcast(True)
-        return _train(ctx, cfg, infos, inputs, resume, dist, ws.root)
+        return _train(ctx, cfg, infos, inputs, resume, dist, ws)
 
     try:
         infos = ws.inputs(*INPUT_KINDS, *(("embeddings",) if cfg.mode != "fixed" else ()))
@@ -100,9 +77,9 @@ def _run(cfg: TrainBilevelConfig, ws: Workspace, dist: Distributed, *, force: bo
         raise
     dist.broadcast((infos, inputs))  # the other ranks never open the catalog
     try:
-        last = in_progress_dir(ws.root) / SPECS["last_checkpoint"].filename
+        last = in_progress_dir(ws.run_dir) / SPECS["last_checkpoint"].filename
         if resume and not last.is_file():
-            raise ConfigError(f"nothing to resume in {ws.root}: no interrupted run ({last} does not exist)",
+            raise ConfigError(f"nothing to resume in {ws.run_dir}: no interrupted run ({last} does not exist)",
                               hint="start the run without --resume")
         return run_stage(ws, "train-bilevel", cfg, inputs, body, force=force or resume, lock_timeout=lock_timeout)
     finally:
@@ -111,50 +88,22 @@ def _run(cfg: TrainBilevelConfig, ws: Workspace, dist: Distributed, *, force: bo
 
 
 def _train(ctx: StageContext | None, cfg: TrainBilevelConfig, infos: dict[str, ArtifactInfo],
-           inputs: dict[str, str], resume: bool, dist: Distributed, root: Path) -> dict[str, Any]:
+           inputs: dict[str, str], resume: bool, dist: Distributed, ws: Workspace) -> dict[str, Any]:
     """The training itself; ctx is None on the ranks other than 0 of a torchrun, which write nothing."""
     started = time.perf_counter()
+    scratch = in_progress_dir(ws.run_dir)
     with Steps("train-bilevel") as steps:
         steps.step("reading samples and semantic IDs")
-        data, soft_levels = load_data(cfg, infos)
-        tokenizer = None
-        if cfg.mode != "fixed":
-            tokenizer, embeddings = load_tokenizer_side(cfg, infos, len(data.codes))
         device = dist.device(resolve_device(cfg.device))
-        seed_everything(cfg.seed)  # before the weights are initialised
-        model_config = RecommenderConfig(levels=data.vocab.levels, codebook_size=data.vocab.codebook_size,
-                                         soft_levels=soft_levels, **cfg.model.model_dump())
-        model = Recommender(model_config)
-        if cfg.warm_start is not None:
-            warm_start(model, cfg.warm_start)
-        model = model.to(device)
-        steps_per_epoch = -(-len(data.train) // cfg.batch_size)
-        if tokenizer is not None:
-            tokenizer = tokenizer.to(device)
-        state = new_state(model, cfg, steps_per_epoch, tokenizer)
-        state.dist, state.net = dist, dist.wrap(model)
-        if cfg.train.compile:
-            state.net = torch.compile(state.forward)
-        scratch = in_progress_dir(root)
-        cfg_hash = config_hash(cfg)
+        state, data, model_config = build_run(cfg, infos, dist, device)
         if resume:
-            ckpt = load_checkpoint(scratch / "last.pt")
-            check_resumable(ckpt, scratch / "last.pt", cfg_hash, cfg.model_dump(mode="json"), inputs)
-            state.load_state_dict(ckpt)
-            data.codes = ckpt["codes"].long()  # the IDs of the tokenizer as it was (bilevel and joint change them)
-            log.info("resuming after epoch %d (step %d)", state.epoch, state.step)
+            _resume(state, data, scratch, cfg, inputs)
         elif (scratch / "last.pt").is_file() and dist.main:
             log.warning("starting afresh: the interrupted run in %s is discarded (use --resume to continue it)",
                         scratch)
-        data = TrainData(Samples(*(t.to(device) for t in data.train)), data.valid, data.codes.to(device),
-                         data.item_ids, data.vocab, None if tokenizer is None else embeddings.to(device),
-                         data.train_lengths, data.item_weights)
-        n_params = sum(p.numel() for p in model.parameters())
-        log.info("training %s parameters on %d samples (%d steps per epoch) on %s%s", f"{n_params:,}",
-                 len(data.train), steps_per_epoch, device,
-                 f" and {dist.world - 1} more processes" if dist.enabled else "")
+        data = data.to(device)
         fixed = {"model_config": model_config.to_dict(), "config": cfg.model_dump(mode="json"),
-                 "config_hash": cfg_hash, "inputs": inputs, "mode": cfg.mode}
+                 "config_hash": config_hash(cfg), "inputs": inputs, "mode": cfg.mode}
 
         def save(state: TrainState, improved: bool) -> None:
             if ctx is None:
@@ -165,54 +114,46 @@ def _train(ctx: StageContext | None, cfg: TrainBilevelConfig, infos: dict[str, A
                 save_atomic(ckpt, scratch / "best.pt", ctx.metadata("checkpoint", {"mode": cfg.mode}))
 
         steps.step(f"training ({cfg.mode})")
-        with stop_on_sigint(enabled=not dist.enabled) as stop:
-            try:
-                def due(state: TrainState) -> bool:  # the same on every rank, whatever its clock says
-                    flag = state.plan.update_due(state.step, state.epoch + 1, state.clock.elapsed())
-                    return dist.any_(flag, device) if cfg.train.time_budget is not None else flag
-
-                fit(state, data, cfg, make_step(cfg, data, device, due), device, save, stop)
-            except Stopped:
-                where = f"epoch {state.epoch + 1}, step {state.epoch_step}" if state.epoch_step else \
-                    f"the end of epoch {state.epoch}"
-                raise Interrupted(f"at {where} of {cfg.epochs}; the state is saved in {scratch / 'last.pt'}",
-                                  hint=f"continue with `bloger train-bilevel -w {root} --resume` and the same "
-                                  "config and options") from None
+        _fit(state, data, cfg, dist, device, save, scratch, ws)
         if ctx is not None:
             steps.step("writing artifacts")
             _write_outputs(ctx, cfg, state, data, infos)
             shutil.rmtree(scratch, ignore_errors=True)
-    epochs = [r for r in state.history if r.get("event", "epoch") == "epoch"]
-    updates = [r for r in state.history if r.get("event") == "tokenizer_update"]
-    validated = [r for r in state.history if r.get("event") in ("epoch", "eval") and r.get("val_ndcg_10") is not None]
-    best_row = next((r for r in validated if r["step"] == state.best_step), {})
-    recoded = [r for r in updates if "churn" in r]
-    tokenizer_side = {} if cfg.mode == "fixed" else {
-        "tokenizer_updates": len(updates) if cfg.mode == "bilevel" else state.step,
-        **({k: updates[-1][k] for k in ("collision_rate", "level1_density", "level1_entropy", "conflict_fraction")
-            if k in updates[-1]} if updates else {}),
-        **({"mean_churn": float(np.mean([r["churn"] for r in recoded])) if recoded else None,
-            "mean_churn_weighted": float(np.mean([r.get("churn_weighted", r["churn"]) for r in recoded]))
-            if recoded else None, "updates_skipped": len(updates) - len(recoded)} if updates else {}),
-    }
-    return {
-        "mode": cfg.mode, "epochs_run": state.epoch, "best_epoch": state.best_epoch, "best_step": state.best_step,
-        "steps": state.step, "elapsed": round(state.clock.elapsed(), 3),
-        "metric": cfg.train.metric, "best_value": state.best, "val_recall@10": best_row.get("val_recall_10"),
-        "val_ndcg@10": best_row.get("val_ndcg_10"), "train_samples": len(data.train),
-        "val_users": len(data.valid), "parameters": n_params, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
-        f"{device.type} ({os.cpu_count()} cores)" if device.type == "cpu" else device.type,
-        # medians: the first epoch of a compiled run (and of each resumed part) also pays for the compile
-        "seconds_per_epoch": round(float(np.median([r["seconds"] for r in epochs])), 3),
-        "samples_per_s": round(float(np.median([r["samples_per_s"] for r in epochs])), 1),
-        **tokenizer_side, "seconds": round(time.perf_counter() - started, 3),
-    }
+    return {**run_result(state, data, cfg, device), "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _resume(state: TrainState, data: TrainData, scratch: Path, cfg: TrainBilevelConfig,
+            inputs: dict[str, str]) -> None:
+    """Continue the interrupted run saved in `scratch`: the same config and inputs, its weights,
+    optimisers, RNG, position and semantic IDs."""
+    ckpt = load_checkpoint(scratch / "last.pt")
+    check_resumable(ckpt, scratch / "last.pt", config_hash(cfg), cfg.model_dump(mode="json"), inputs)
+    state.load_state_dict(ckpt)
+    data.codes = ckpt["codes"].long()  # the IDs of the tokenizer as it was (bilevel and joint change them)
+    log.info("resuming after epoch %d (step %d)", state.epoch, state.step)
+
+
+def _fit(state: TrainState, data: TrainData, cfg: TrainBilevelConfig, dist: Distributed, device: torch.device,
+         save: Callable[[TrainState, bool], None], scratch: Path, ws: Workspace) -> None:
+    """The loop, with Ctrl-C turned into an Interrupted that says how to continue."""
+    with stop_on_sigint(enabled=not dist.enabled) as stop:
+        try:
+            def due(state: TrainState) -> bool:  # the same on every rank, whatever its clock says
+                flag = state.plan.update_due(state.step, state.epoch + 1, state.clock.elapsed())
+                return dist.any_(flag, device) if cfg.train.time_budget is not None else flag
+
+            fit(state, data, cfg, make_step(cfg, data, device, due), device, save, stop)
+        except Stopped:
+            where = f"epoch {state.epoch + 1}, step {state.epoch_step}" if state.epoch_step else \
+                f"the end of epoch {state.epoch}"
+            raise Interrupted(f"at {where} of {cfg.epochs}; the state is saved in {scratch / 'last.pt'}",
+                              hint=f"continue with `bloger train-bilevel -w {ws.root}{run_flag(ws)} --resume` "
+                              "and the same config and options") from None
 
 
 def _write_outputs(ctx: StageContext, cfg: TrainBilevelConfig, state: TrainState, data: TrainData,
                    infos: dict[str, ArtifactInfo]) -> None:
-    scratch = in_progress_dir(ctx.workspace.root)
+    scratch = in_progress_dir(ctx.workspace.run_dir)
     if not (scratch / "best.pt").is_file():  # no validation ever improved (a NaN metric): keep the last
         log.warning("no validation improved on the run's weights (budget too short, or a metric that is not a "
                     "number): best.pt holds the last weights")

@@ -19,13 +19,7 @@ from bloger_cli.errors import ConfigError
 from bloger_cli.progress import track
 from bloger_cli.runtime import seed_everything
 from bloger_cli.tokenizer.io import load_tokenizer
-from bloger_cli.tokenizer.kmeans import (
-    RQKMeans,
-    RQKMeansConfig,
-    chunk_rows,
-    residual_kmeans,
-    sample_rows,
-)
+from bloger_cli.tokenizer.kmeans import RQKMeans, RQKMeansConfig, chunk_rows, residual_kmeans, sample_rows
 from bloger_cli.tokenizer.rqvae import RQVAE, RQVAEConfig
 from bloger_cli.tokenizer.semantic_ids import collision_report, prefix_groups
 

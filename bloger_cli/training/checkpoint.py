@@ -18,13 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bloger_cli.artifacts import (
-    SPECS,
-    ArtifactInfo,
-    load_torch,
-    save_torch,
-    temp_path_for,
-)
+from bloger_cli.artifacts import SPECS, ArtifactInfo, load_torch, save_torch, temp_path_for
 from bloger_cli.errors import ArtifactError, ConfigError
 from bloger_cli.recommender.config import RecommenderConfig
 from bloger_cli.recommender.model import Recommender

@@ -1,5 +1,6 @@
 """What a training run starts from: the samples and semantic IDs, the trainable tokenizer and the item
-embeddings (modes joint and bilevel), and an earlier run's weights (`--warm-start`)."""
+embeddings (modes joint and bilevel), an earlier run's weights (`--warm-start`), and the state built
+from them (`build_run`)."""
 
 from __future__ import annotations
 
@@ -13,17 +14,15 @@ from bloger_cli.artifacts import SPECS, ArtifactInfo
 from bloger_cli.config import TrainBilevelConfig
 from bloger_cli.data.samples import load_split, training_items
 from bloger_cli.errors import ConfigError, DataError
+from bloger_cli.recommender.config import RecommenderConfig
 from bloger_cli.recommender.model import Recommender
 from bloger_cli.recommender.vocab import Vocab
-from bloger_cli.tokenizer.io import (
-    embedding_dim,
-    load_tokenizer,
-    read_codes,
-    read_embeddings,
-)
+from bloger_cli.runtime import seed_everything
+from bloger_cli.tokenizer.io import embedding_dim, load_tokenizer, read_codes, read_embeddings
 from bloger_cli.tokenizer.rqvae import RQVAE
 from bloger_cli.training.checkpoint import load_checkpoint
-from bloger_cli.training.state import TrainData
+from bloger_cli.training.distributed import Distributed
+from bloger_cli.training.state import TrainData, TrainState, new_state
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +83,38 @@ def warm_start(model: Recommender, source: Path) -> None:
     ckpt = load_checkpoint(path)
     have, want = ckpt["model_config"], model.config.to_dict()
     free = ("dropout", "attention_dropout")  # training settings; everything else fixes shapes or layout
-    diff = [f"{key} {have.get(key)} (now {want[key]})" for key in want if key not in free and have.get(key) != want[key]]
+    diff = [f"{key} {have.get(key)} (now {want[key]})" for key in want
+            if key not in free and have.get(key) != want[key]]
     if diff:
         raise ConfigError(f"--warm-start {path} does not fit this run: {', '.join(diff)}",
                           hint="keep the earlier run's model settings and tokenize levels / codebook size, "
                           "or start without --warm-start")
     model.load_state_dict(ckpt["model"])
     log.info("recommender weights from %s (epoch %d)", path, int(ckpt["epoch"]))
+
+
+def build_run(cfg: TrainBilevelConfig, infos: dict[str, ArtifactInfo], dist: Distributed,
+              device: torch.device) -> tuple[TrainState, TrainData, RecommenderConfig]:
+    """A fresh run on `device`: the data (codes and embeddings still on the CPU), the recommender (seeded,
+    or warm-started), the tokenizer in modes joint and bilevel, and the optimisers over the plan."""
+    data, soft_levels = load_data(cfg, infos)
+    tokenizer = None
+    if cfg.mode != "fixed":
+        tokenizer, data.embeddings = load_tokenizer_side(cfg, infos, len(data.codes))
+        tokenizer = tokenizer.to(device)
+    seed_everything(cfg.seed)  # before the weights are initialised
+    model_config = RecommenderConfig(levels=data.vocab.levels, codebook_size=data.vocab.codebook_size,
+                                     soft_levels=soft_levels, **cfg.model.model_dump())
+    model = Recommender(model_config)
+    if cfg.warm_start is not None:
+        warm_start(model, cfg.warm_start)
+    model = model.to(device)
+    steps_per_epoch = -(-len(data.train) // cfg.batch_size)
+    state = new_state(model, cfg, steps_per_epoch, tokenizer)
+    state.dist, state.net = dist, dist.wrap(model)
+    if cfg.train.compile:
+        state.net = torch.compile(state.forward)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("training %s parameters on %d samples (%d steps per epoch) on %s%s", f"{n_params:,}",
+             len(data.train), steps_per_epoch, device, f" and {dist.world - 1} more processes" if dist.enabled else "")
+    return state, data, model_config

@@ -36,6 +36,13 @@ class TrainData:
         if self.train_lengths is None:
             self.train_lengths = self.train.lengths().cpu()
 
+    def to(self, device: torch.device) -> TrainData:
+        """The training samples, codes and embeddings on `device` (validation decodes in CPU-sized batches
+        and moves them itself)."""
+        return TrainData(Samples(*(t.to(device) for t in self.train)), self.valid, self.codes.to(device),
+                         self.item_ids, self.vocab, None if self.embeddings is None else self.embeddings.to(device),
+                         self.train_lengths, self.item_weights)
+
 
 @dataclass
 class TrainState:

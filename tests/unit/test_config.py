@@ -9,13 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from bloger_cli.config import (
-    PrepareConfig,
-    config_hash,
-    load_config_file,
-    parse_override,
-    resolve_config,
-)
+from bloger_cli.config import PrepareConfig, config_hash, load_config_file, parse_override, resolve_config
 from bloger_cli.errors import ConfigError
 
 

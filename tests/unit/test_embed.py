@@ -24,14 +24,7 @@ from pydantic import ValidationError
 
 from bloger_cli.config import EmbedConfig, PrepareConfig
 from bloger_cli.embed import encoder
-from bloger_cli.embed.text import (
-    Template,
-    clean,
-    default_fields,
-    parse_template,
-    render,
-    resolve_template,
-)
+from bloger_cli.embed.text import Template, clean, default_fields, parse_template, render, resolve_template
 from bloger_cli.errors import ArtifactError, ConfigError, DataError
 from bloger_cli.stages import prepare
 from bloger_cli.stages.embed import run

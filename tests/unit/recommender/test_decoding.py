@@ -14,14 +14,7 @@ from hypothesis import strategies as st
 
 from bloger_cli.errors import DataError
 from bloger_cli.recommender.config import RecommenderConfig
-from bloger_cli.recommender.decoding import (
-    PrefixIndex,
-    Ranking,
-    beam_search,
-    exact_scores,
-    exact_topk,
-    recommend,
-)
+from bloger_cli.recommender.decoding import PrefixIndex, Ranking, beam_search, exact_scores, exact_topk, recommend
 from bloger_cli.recommender.model import Recommender
 from bloger_cli.recommender.vocab import PAD
 

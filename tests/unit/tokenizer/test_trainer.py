@@ -6,12 +6,7 @@ import torch
 
 from bloger_cli.config import TokenizeConfig
 from bloger_cli.tokenizer.rqvae import RQVAE, RQVAEConfig
-from bloger_cli.tokenizer.trainer import (
-    init_codebooks,
-    reseed_dead_codes,
-    run_epoch,
-    train_rqvae,
-)
+from bloger_cli.tokenizer.trainer import init_codebooks, reseed_dead_codes, run_epoch, train_rqvae
 
 D, d, L, K = 8, 4, 3, 4
 

@@ -143,6 +143,8 @@ def test_bad_bilevel_options_are_usage_errors(cli, rqvae_workspace: Path, args, 
 
 def test_frozen_tokenizer_leaves_churn_at_zero_and_ids_bit_for_bit(rqvae_workspace: Path, train_config) -> None:
     # re-coding with an unchanged tokenizer: nothing moves, not even a disambiguation code
+    from bloger_cli.recommender.config import RecommenderConfig
+    from bloger_cli.recommender.model import Recommender
     from bloger_cli.training.state import new_state
     from bloger_cli.training.steps import churn, commit_codes, recode
 
@@ -151,8 +153,8 @@ def test_frozen_tokenizer_leaves_churn_at_zero_and_ids_bit_for_bit(rqvae_workspa
     data, soft = setup.load_data(cfg, {k: ws.info(k) for k in ("sequences", "semantic_ids")})
     tokenizer, data.embeddings = setup.load_tokenizer_side(cfg, {k: ws.info(k) for k in ("tokenizer", "embeddings")},
                                                            len(data.codes))
-    model = train.Recommender(train.RecommenderConfig(levels=data.vocab.levels, codebook_size=16, soft_levels=soft,
-                                                      **cfg.model.model_dump()))
+    model = Recommender(RecommenderConfig(levels=data.vocab.levels, codebook_size=16, soft_levels=soft,
+                                          **cfg.model.model_dump()))
     state = new_state(model, cfg, 1, tokenizer)
     before = data.codes.clone()
     row = commit_codes(state, data, recode(state, data), remember=True)
