@@ -293,13 +293,19 @@ def write_arrow(table: pa.Table, path: Path, metadata: dict[str, str]) -> None:
 
 def copy_query(con: Any, query: str, path: Path, metadata: dict[str, str]) -> None:
     """Let DuckDB write a query's result straight to Parquet with footer metadata (no Python rows)."""
-    kv = ", ".join(f"'{k}': '{_sql_str(v)}'" for k, v in metadata.items())
-    con.execute(f"COPY ({query}) TO '{_sql_str(str(path))}' "
+    kv = ", ".join(f"'{k}': '{sql_str(v)}'" for k, v in metadata.items())
+    con.execute(f"COPY ({query}) TO '{sql_str(str(path))}' "
                 f"(FORMAT parquet, COMPRESSION zstd, KV_METADATA {{{kv}}})")
 
 
-def _sql_str(text: str) -> str:
+def sql_str(text: str) -> str:
+    """Text for inside a SQL string literal (quotes doubled)."""
     return text.replace("'", "''")
+
+
+def sql_literal(value: object) -> str:
+    """A SQL string literal of a path or text: 'it''s'."""
+    return "'" + sql_str(str(value)) + "'"
 
 
 def temp_path_for(final: Path) -> Path:

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from bloger_cli.artifacts import temp_path_for
 from bloger_cli.errors import ConfigError
-from bloger_cli.stages.export import SUFFIXES
+from bloger_cli.outputs import SUFFIXES
 
 
 def check_output(path: Path, force: bool, option: str = "--out") -> str:
