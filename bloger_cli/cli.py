@@ -24,9 +24,10 @@ from typer.core import TyperGroup
 from bloger_cli import __version__, progress
 from bloger_cli.config import resolve_config, stage_config
 from bloger_cli.errors import BlogerError, Interrupted, WorkspaceError
-from bloger_cli.options import Invocation, JsonOpt, Opt, RunOpt, WorkspaceOpt, command_function
+from bloger_cli.options import Invocation, JsonOpt, LockOpt, Opt, RunOpt, WorkspaceOpt, command_function
 from bloger_cli.render import RENDERERS, emit, err, render_generic, render_report, render_runs
-from bloger_cli.workspace import DEFAULT_WORKSPACE, Workspace, stage_status
+from bloger_cli.workspace import DEFAULT_WORKSPACE, Workspace, problems, stage_status
+from bloger_cli.workspace import repair as repair_workspace
 
 _state = {"debug": False}
 
@@ -223,12 +224,22 @@ serving_command("export-model", "export_model", [
 # ------------------------------------------------------------------------- workspace commands
 
 @app.command()
-def status(workspace: WorkspaceOpt = DEFAULT_WORKSPACE, run: RunOpt = None, as_json: JsonOpt = False) -> None:
-    """List each stage of a workspace (and of its latest run, or --run) as done, stale or missing."""
+def status(
+    workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
+    run: RunOpt = None,
+    repair: Annotated[bool, typer.Option("--repair", help="Fix what a killed process left: finish a commit it "
+                                         "decided, mark its runs killed, remove its temporary files.")] = False,
+    lock_timeout: LockOpt = 60.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """List each stage of a workspace (and of its latest run, or --run) as done, stale or missing, and
+    anything a killed process left behind."""
     ws = Workspace(workspace, run)
     if not ws.catalog.path.exists():
         raise WorkspaceError(f"{workspace} is not a bloger workspace (no catalog.duckdb)",
                              hint="run `bloger prepare` first")
+    repaired = repair_workspace(ws, lock_timeout) if repair else []
+    left = problems(ws)
     ws = ws.latest_run()
     rows = stage_status(ws)
 
@@ -241,8 +252,15 @@ def status(workspace: WorkspaceOpt = DEFAULT_WORKSPACE, run: RunOpt = None, as_j
             table.add_row(r["stage"], f"[{colour[r['state']]}]{r['state']}[/]", escape(r["reason"]),
                           r["run_id"] or "")
         err.print(table)
+        for line in result["repaired"]:
+            err.print(f"[green]repaired:[/] {escape(line)}", highlight=False)
+        for line in result["problems"]:
+            err.print(f"[yellow]left over:[/] {escape(line)}", highlight=False)
+        if result["problems"]:
+            err.print(f"  hint: `bloger status -w {workspace} --repair` fixes these", highlight=False)
 
-    emit({"workspace": str(workspace), "run": ws.run, "stages": rows}, as_json, render)
+    emit({"workspace": str(workspace), "run": ws.run, "stages": rows, "problems": left, "repaired": repaired},
+         as_json, render)
 
 
 @app.command()

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bloger_cli.errors import WorkspaceBusy, WorkspaceError
-from bloger_cli.workspace import Workspace
+from bloger_cli.errors import WorkspaceError
+from bloger_cli.workspace import Workspace, is_busy
 
 METRICS = {"train-bilevel": {"recall@10": "val_recall@10", "ndcg@10": "val_ndcg@10"}}  # result key per column
 
@@ -21,15 +21,6 @@ def _metrics(stage: str, result: dict[str, Any]) -> dict[str, float]:
         return dict(result.get("metrics") or {})
     keys = METRICS.get(stage, {})
     return {name: result[key] for name, key in keys.items() if result.get(key) is not None}
-
-
-def _busy(ws: Workspace) -> bool:
-    """Whether a bloger process holds the workspace lock now."""
-    try:
-        with ws.lock(timeout=0):
-            return False
-    except WorkspaceBusy:
-        return True
 
 
 def list_runs(workspaces: list[Path], *, stage: str | None = None, mode: str | None = None,
@@ -44,7 +35,7 @@ def list_runs(workspaces: list[Path], *, stage: str | None = None, mode: str | N
             raise WorkspaceError(f"{root} is not a bloger workspace (no catalog.duckdb)",
                                  hint="pass a directory that `bloger prepare` made")
         recorded = ws.catalog.runs(stage, None if status in ("running", "killed") else status)
-        busy = any(run.status == "running" for run in recorded) and _busy(ws)
+        busy = any(run.status == "running" for run in recorded) and is_busy(ws)
         for run in recorded:
             run_status = "killed" if run.status == "running" and not busy else run.status
             if status is not None and run_status != status:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -22,6 +21,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 from pydantic import BaseModel
 
+from bloger_cli import journal
 from bloger_cli.artifacts import (
     RUN_STAGES,
     SPECS,
@@ -94,6 +94,9 @@ class Workspace:
         Each input's recorded parents must be the workspace's current artifacts of those kinds: an
         embeddings file made from another items file is refused, naming both and the command to run.
         """
+        if (self.root / journal.JOURNAL).is_file():  # a killed stage left its commit half done: finish it
+            with self.lock(60.0):
+                _roll_forward(self)
         infos = {kind: self.info(kind, with_hash=True) for kind in kinds}
         for kind, info in infos.items():
             for parent, recorded in info.parents.items():
@@ -219,6 +222,7 @@ def run_stage(
         with ws.lock(lock_timeout):
             # another process may have made the same new workspace between our check and the lock
             ours = created and not ws.catalog.path.exists()
+            _roll_forward(ws)
             name = ws.run if stage in RUN_STAGES else None
             last = ws.catalog.last_done(stage, name) if same_kind is None else next(
                 (run for run in ws.catalog.runs(stage, "done", name) if same_kind(run)), None)
@@ -231,7 +235,7 @@ def run_stage(
             ctx = StageContext(ws, stage, run_id, cfg_hash, parents)
             try:
                 result = body(ctx)
-                infos = _commit(ws, ctx)
+                commit = _decide(ws, ctx, result, name)
                 committed = True
             except BaseException as exc:
                 for tmp in ctx.pending.values():
@@ -240,25 +244,96 @@ def run_stage(
                 ws.catalog.finish_run(run_id, "interrupted" if stopped else "failed",
                                       error=str(exc) or type(exc).__name__)
                 raise
-            ws.catalog.finish_run(run_id, "done", result=result, artifacts=infos, run_name=name)
+            _complete(ws, commit)  # decided: a failure from here on is rolled forward by the next run
             return StageResult(stage, run_id, False, result)
     finally:
         if ours and not committed and ws.root.exists():
             shutil.rmtree(ws.root, ignore_errors=True)  # leave no half-made workspace behind
 
 
-def _commit(ws: Workspace, ctx: StageContext) -> list[ArtifactInfo]:
-    """Check every pending output, then rename them all into place."""
+def _decide(ws: Workspace, ctx: StageContext, result: dict[str, Any], run_name: str | None) -> journal.Commit:
+    """Check every pending output, then write the commit journal: from here the outputs switch together."""
     for kind, tmp in ctx.pending.items():
         if not tmp.is_file():
             raise ArtifactError(f"stage {ctx.stage} did not write its {kind} output")
         read_info(tmp, SPECS[kind])  # a schema error here is a bug; it must not replace a good file
-    infos = []
-    for kind, tmp in ctx.pending.items():
-        ws.path(kind).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, ws.path(kind))
-        infos.append(read_info(ws.path(kind), SPECS[kind], with_hash=True))
-    return infos
+    root = ws.root
+    moves = [(str(tmp.relative_to(root)), str(ws.path(kind).relative_to(root))) for kind, tmp in ctx.pending.items()]
+    commit = journal.Commit(ctx.run_id, ctx.stage, run_name, result, moves)
+    journal.fault("commit:before-journal")
+    journal.write(root, commit)
+    journal.fault("commit:after-journal")
+    return commit
+
+
+def _complete(ws: Workspace, commit: journal.Commit) -> None:
+    """Carry out a decided commit: the renames, then the run and its artifacts in one catalog transaction,
+    then the journal goes. Safe to repeat after a kill at any point."""
+    journal.apply(ws.root, commit)
+    journal.fault("commit:before-catalog")
+    if next((r.status for r in ws.catalog.runs(commit.stage) if r.run_id == commit.run_id), None) != "done":
+        infos = [read_info(final, SPECS[_kind_at(ws, final)], with_hash=True) for final in commit.finals(ws.root)]
+        ws.catalog.finish_run(commit.run_id, "done", result=commit.result, artifacts=infos, run_name=commit.run_name)
+    journal.fault("commit:before-clear")
+    journal.clear(ws.root)
+
+
+def _kind_at(ws: Workspace, path: Path) -> str:
+    return next(kind for kind, spec in SPECS.items() if spec.filename == path.name)
+
+
+def _roll_forward(ws: Workspace) -> str | None:
+    """Finish the commit a killed process decided but did not complete (under the lock)."""
+    commit = journal.read(ws.root)
+    if commit is None:
+        return None
+    log.warning("finishing the outputs of %s run %s, which stopped while switching them in", commit.stage,
+                commit.run_id)
+    _complete(ws, commit)
+    return f"finished the commit of {commit.stage} run {commit.run_id} ({len(commit.moves)} outputs)"
+
+
+def problems(ws: Workspace) -> list[str]:
+    """What a killed process left behind: an unfinished commit, runs still marked running while nobody
+    holds the workspace, temporary files of dead writers. (`repair` fixes them.)"""
+    found = []
+    commit = journal.read(ws.root)
+    if commit is not None:
+        missing = sum(not (ws.root / tmp).is_file() for tmp, _ in commit.moves)
+        found.append(f"{commit.stage} run {commit.run_id} stopped while switching in its outputs "
+                     f"({missing} of {len(commit.moves)} in place)")
+    if not is_busy(ws):
+        found += [f"{run.stage} run {run.run_id} is marked running, but no process holds the workspace (killed?)"
+                  for run in ws.catalog.runs(status="running")]
+    keep = {ws.root / tmp for tmp, _ in commit.moves} if commit else set()
+    found += [f"temporary file {path} of a writer that is gone" for path in journal.stray_temps(ws.root, keep)]
+    return found
+
+
+def repair(ws: Workspace, lock_timeout: float = 60.0) -> list[str]:
+    """Fix what `problems` finds: roll a decided commit forward, mark dead runs killed, remove dead
+    writers' temporary files. Returns what was done."""
+    done = []
+    with ws.lock(lock_timeout):
+        rolled = _roll_forward(ws)
+        if rolled:
+            done.append(rolled)
+        for run in ws.catalog.runs(status="running"):
+            ws.catalog.finish_run(run.run_id, "killed", error="the process ended without finishing (killed?)")
+            done.append(f"marked {run.stage} run {run.run_id} killed")
+        for path in journal.stray_temps(ws.root):
+            path.unlink(missing_ok=True)
+            done.append(f"removed {path}")
+    return done
+
+
+def is_busy(ws: Workspace) -> bool:
+    """Whether a bloger process holds the workspace lock now."""
+    try:
+        with ws.lock(timeout=0):
+            return False
+    except WorkspaceBusy:
+        return True
 
 
 def stage_outputs() -> dict[str, list[ArtifactSpec]]:
