@@ -1,6 +1,6 @@
 """The recommender of DESIGN.md section 1: a compact T5-style encoder-decoder over semantic-ID tokens,
-built bottom-up. `RecommenderConfig` (recommender/config.py) is the whole contract; `hf_port.to_hf_t5` copies the weights into
-Hugging Face's `T5ForConditionalGeneration` and gives the same logits.
+built bottom-up. `RecommenderConfig` (recommender/config.py) is the whole contract; `hf_port.to_hf_t5` copies
+the weights into Hugging Face's `T5ForConditionalGeneration` and gives the same logits.
 
     RecommenderNorm         x / rms(x) * w in fp32 (T5LayerNorm: no mean, no bias)
     RecommenderAttention    q, k, v, o without bias; softmax(q k^T + bias + mask) v with no 1/sqrt(dk):
@@ -184,7 +184,8 @@ class Recommender(nn.Module):
         mask = attention_mask.bool()  # (B, S)
         x = self.embed(input_ids, input_probs)  # (B, S, D)
         S = input_ids.shape[1]
-        self_mask = masked_bias(self.encoder.position_bias(S, S), mask[:, None, None, :], compute_dtype(x))  # (B, H, S, S)
+        bias = self.encoder.position_bias(S, S)
+        self_mask = masked_bias(bias, mask[:, None, None, :], compute_dtype(x))  # (B, H, S, S)
         hidden, _ = self.encoder(x.unsqueeze(1), self_mask)  # (B, 1, S, D)
         return Memory(hidden.squeeze(1), mask)
 

@@ -111,8 +111,10 @@ class MetaResult(NamedTuple):
         return sum(c < 0 for c in self.cosine.values()) / max(1, len(self.cosine))
 
 
-def _lookahead_gradient(model: Recommender, tokenizer: nn.Module, embeddings: Tensor, batch: Batch,
-                        meta_batch: Batch, eta: float, routing: str = "full") -> tuple[list[Tensor | None], float, float]:
+def _lookahead_gradient(
+    model: Recommender, tokenizer: nn.Module, embeddings: Tensor, batch: Batch, meta_batch: Batch, eta: float,
+    routing: str = "full",
+) -> tuple[list[Tensor | None], float, float]:
     """grad_phi L_rec(theta - eta * grad_theta L_rec(theta, phi), phi) per tokenizer tensor (None where
     unused), and the inner and outer losses. Every graph built here is freed on return."""
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -214,10 +216,10 @@ def meta_gradients(model: Recommender, tokenizer: nn.Module, embeddings: Tensor,
 
     The look-ahead step is taken on `batch`, the outer loss on `meta_batch` (default: `batch`), L_tok on
     `batch`'s distinct items (`tok_norm`: summed or averaged squared errors, `RQVAE.loss`); `routing`: how
-    the soft assignments of levels >= 2 reach the tokenizer (`ResidualQuantizer.soft_probs`). `chunk`: at most this many samples in the second-order graph at a time
-    (same result up to float rounding; None: the whole batch at once). Returns detached gradients only:
-    set them as .grad and step. Neither model's .grad is touched. Tokenizer tensors L_rec does not reach
-    (the decoder MLP) get lam * g_tok.
+    the soft assignments of levels >= 2 reach the tokenizer (`ResidualQuantizer.soft_probs`). `chunk`: at
+    most this many samples in the second-order graph at a time (same result up to float rounding; None: the
+    whole batch at once). Returns detached gradients only: set them as .grad and step. Neither model's .grad
+    is touched. Tokenizer tensors L_rec does not reach (the decoder MLP) get lam * g_tok.
 
     Data-parallel (training/distributed.py): `batch` and `meta_batch` are this process's slices, `share`
     its share of the global batch, `reduce` sums tensors over the processes in place, and `tok_items`

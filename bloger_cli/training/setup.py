@@ -84,7 +84,8 @@ def warm_start(model: Recommender, source: Path) -> None:
     ckpt = load_checkpoint(path)
     have, want = ckpt["model_config"], model.config.to_dict()
     free = ("dropout", "attention_dropout")  # training settings; everything else fixes shapes or layout
-    diff = [f"{key} {have.get(key)} (now {want[key]})" for key in want if key not in free and have.get(key) != want[key]]
+    diff = [f"{key} {have.get(key)} (now {want[key]})"
+            for key in want if key not in free and have.get(key) != want[key]]
     if diff:
         raise ConfigError(f"--warm-start {path} does not fit this run: {', '.join(diff)}",
                           hint="keep the earlier run's model settings and tokenize levels / codebook size, "

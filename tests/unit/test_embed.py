@@ -215,7 +215,9 @@ def test_non_finite_model_output_is_refused_and_not_cached(tiny_workspace, monke
     monkeypatch.setattr(encoder, "load_model", lambda ref, device: NaNModel())
     with pytest.raises(DataError) as exc:
         run(EmbedConfig(on_missing_text="skip"), Workspace(tiny_workspace))
-    assert exc.value.message == f"model 'all-MiniLM-L6-v2' produced a non-finite embedding (nan) for the text {TEXTS[0]!r}"
+    assert exc.value.message == (
+        f"model 'all-MiniLM-L6-v2' produced a non-finite embedding (nan) for the text {TEXTS[0]!r}"
+    )
     assert not (tiny_workspace / "cache").exists() and not (tiny_workspace / "embeddings.parquet").exists()
 
 
