@@ -17,6 +17,7 @@ from rich.progress import (
     BarColumn,
     Progress,
     SpinnerColumn,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
 )
@@ -57,7 +58,7 @@ class Steps:
         self.title = title
         self._progress: Progress | None = None
         self._owned = False
-        self._task = None
+        self._task: TaskID | None = None  # set together with _progress
 
     def __enter__(self) -> Steps:
         if enabled():
@@ -70,11 +71,11 @@ class Steps:
 
     def step(self, message: str) -> None:
         log.debug("%s: %s", self.title, message)
-        if self._progress is not None:
+        if self._progress is not None and self._task is not None:
             self._progress.update(self._task, description=f"{self.title}: {message}")
 
     def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
+        if self._progress is not None and self._task is not None:
             self._progress.remove_task(self._task)
             if self._owned:
                 _stop(self._progress)
@@ -92,7 +93,7 @@ class Bar:
         self.done = 0
         self._progress: Progress | None = None
         self._owned = False
-        self._task = None
+        self._task: TaskID | None = None  # set together with _progress
 
     def __enter__(self) -> Bar:
         if enabled():
@@ -109,11 +110,11 @@ class Bar:
 
     def advance(self, n: int = 1, status: str = "") -> None:
         self.done += n
-        if self._progress is not None:
+        if self._progress is not None and self._task is not None:
             self._progress.update(self._task, advance=n, count=self._count(status))
 
     def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
+        if self._progress is not None and self._task is not None:
             self._progress.remove_task(self._task)
             if self._owned:
                 _stop(self._progress)

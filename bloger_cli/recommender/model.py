@@ -211,7 +211,7 @@ class Recommender(nn.Module):
         zero = torch.zeros((), device=tokens.device)  # no position bias in cross-attention
         cross_mask = masked_bias(zero, memory.mask[:, None, None, :], dtype)  # (B, 1, 1, S)
         if cache is None:  # each layer's cross K/V: (B, H, S, dk), once per user whatever W is
-            cross_kv = tuple(block.cross_attn.keys_values(memory.hidden) for block in self.decoder.blocks)
+            cross_kv = self.decoder.cross_keys_values(memory.hidden)
         else:
             cross_kv = cache.cross_kv
         cross = [(k, v, cross_mask) for k, v in cross_kv]

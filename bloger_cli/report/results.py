@@ -30,12 +30,13 @@ PAPER = {
 
 
 def _row(run: ReportRun, before: dict[str, float]) -> dict[str, Any]:
-    missing = [k for k in METRICS if k not in (run.test or {})]
+    test = run.test or {}
+    missing = [k for k in METRICS if k not in test]
     if missing:
         raise DataError(f"{run.label}: no test {', '.join(missing)} for the results file",
                         hint=f"run `bloger evaluate -w {run.workspace}` (K 5 and 10 are needed)")
     r = run.result
-    row = {"mode": run.mode, "seed": run.seed, **{k: run.test[k] for k in METRICS},
+    row = {"mode": run.mode, "seed": run.seed, **{k: test[k] for k in METRICS},
            # device None: popularity computes nothing
            "device": r.get("device_name") or r.get("device"), "seconds_per_epoch": r.get("seconds_per_epoch"),
            "epochs": r.get("epochs_run"), "best_epoch": r.get("best_epoch")}

@@ -19,6 +19,7 @@ from bloger_cli.data.sources import (
     Importer,
     SourceFiles,
     SourceInfo,
+    one_row,
     quote_ident,
     sql_literal,
 )
@@ -67,7 +68,7 @@ def run(cfg: PrepareConfig, ws: Workspace, *, force: bool = False, lock_timeout:
 
 
 def _count(con: duckdb.DuckDBPyConnection, sql: str) -> int:
-    return int(con.execute(sql).fetchone()[0])
+    return int(one_row(con, sql)[0])
 
 
 def _prepare(ctx: StageContext, cfg: PrepareConfig, files: SourceFiles) -> dict[str, Any]:
@@ -225,9 +226,8 @@ def _summary(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig, info: SourceInf
              removed: list[dict[str, Any]]) -> dict[str, Any]:
     users, items, inter = (_count(con, f"SELECT count(*) FROM {t}") for t in ("user_map", "item_map", "inter"))
     lengths = "(SELECT n_interactions AS n FROM user_map)"
-    avg, median, lo, hi = con.execute(
-        f"SELECT avg(n), median(n), min(n), max(n) FROM {lengths}").fetchone()
-    train, valid, test = con.execute(sample_counts(lengths)).fetchone()
+    avg, median, lo, hi = one_row(con, f"SELECT avg(n), median(n), min(n), max(n) FROM {lengths}")
+    train, valid, test = one_row(con, sample_counts(lengths))
     no_text = items
     if info.text_fields:
         filled = " OR ".join(f"nullif(trim(r.{quote_ident(f)}), '') IS NOT NULL" for f in info.text_fields)
