@@ -16,7 +16,9 @@ import pyarrow.parquet as pq
 
 from bloger_cli.artifacts import temp_path_for
 from bloger_cli.errors import ConfigError
-from bloger_cli.stages.export import SUFFIXES
+
+# file suffix -> format, for the files bloger writes for users (recommend --out, export-ids --out)
+SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
 
 def check_output(path: Path, force: bool, option: str = "--out") -> str:

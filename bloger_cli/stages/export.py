@@ -40,6 +40,7 @@ from bloger_cli import __version__
 from bloger_cli.artifacts import SPECS, ArtifactInfo, load_torch, temp_path_for
 from bloger_cli.config import ExportConfig
 from bloger_cli.errors import ArtifactError, ConfigError, DataError
+from bloger_cli.serving.output import SUFFIXES
 from bloger_cli.workspace import (
     StageContext,
     StageResult,
@@ -50,7 +51,6 @@ from bloger_cli.workspace import (
 
 log = logging.getLogger(__name__)
 
-SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 # --from -> (semantic IDs kind, tokenizer kind). The training stage will register the "train" kinds in
 # artifacts.SPECS with the schemas of semantic_ids / tokenizer; until it does, --from train is refused.
 SOURCES = {"tokenize": ("semantic_ids", "tokenizer"), "train": ("trained_semantic_ids", "trained_tokenizer")}
