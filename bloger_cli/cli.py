@@ -72,7 +72,7 @@ class BoundaryGroup(TyperGroup):
 
 
 app = typer.Typer(
-    cls=BoundaryGroup, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    cls=BoundaryGroup, no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False,
     help="bloger: generative recommenders with BLOGER bi-level tokenizer/recommender training.",
 )
 
