@@ -1,4 +1,4 @@
-"""Bilevel against fixed (issue 14, DESIGN.md section 7): the same data, model, step budget and
+"""Bilevel against fixed (issue 14, docs/design.md §4.7): the same data, model, step budget and
 validation for every variant, several seeds, item-level test Recall@10 / NDCG@10 as mean ± 95% interval,
 and a paired comparison per dataset (same seed = same initial weights and batch order in both modes).
 

@@ -1,4 +1,4 @@
-"""Decoding: constrained beam search over the catalog's semantic IDs, and an exact scorer (DESIGN section 3).
+"""Decoding: constrained beam search over the catalog's semantic IDs, and an exact scorer (docs/design.md §5).
 
 The constraint is a prefix tree on tensors (`PrefixIndex`): per level, a CSR table from each valid
 prefix to its allowed next codes, so a decoding step is one scatter into a (B*W, K) mask and one top-k

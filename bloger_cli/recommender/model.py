@@ -1,4 +1,4 @@
-"""The recommender of DESIGN.md section 1: a compact T5-style encoder-decoder over semantic-ID tokens,
+"""The recommender of docs/design.md §1.1: a compact T5-style encoder-decoder over semantic-ID tokens,
 built bottom-up. `RecommenderConfig` (recommender/config.py) is the whole contract; `hf_port.to_hf_t5` copies
 the weights into Hugging Face's `T5ForConditionalGeneration` and gives the same logits.
 
@@ -130,8 +130,9 @@ class Recommender(nn.Module):
         One einsum over the (L', K, D) view of the code rows: never a (..., V) one-hot. The straight-through
         is on the probabilities, as in the official code: p gets E_l^T dL/de, while E_l's gradient keeps
         the value it has without probs (the hard rows only) and still depends on p in the graph, which is
-        the second-order path of the meta step. (DESIGN.md's s - sg[s] with s = p_l @ E_l would add
-        p_l^T dL/de to E_l's gradient: the recommender would train differently once probs are given.)
+        the second-order path of the meta step (docs/design.md §1.5). The alternative s - sg[s] with
+        s = p_l @ E_l would add p_l^T dL/de to E_l's gradient: the recommender would train differently
+        once probs are given.
         """
         c = self.config
         rows = self.shared.weight[SPECIAL:SPECIAL + c.levels * c.codebook_size].view(

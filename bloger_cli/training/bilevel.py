@@ -1,4 +1,4 @@
-"""The tokenizer's side of modes joint and bilevel (DESIGN.md section 1): soft assignments of a batch,
+"""The tokenizer's side of modes joint and bilevel (docs/design.md §1.3-§1.5): soft assignments of a batch,
 the meta-gradient by one-step look-ahead, gradient surgery, and the joint loss. Pure functions, no I/O.
 
     bilevel, every tokenizer update (phi: tokenizer, theta: recommender):
@@ -214,7 +214,7 @@ def meta_gradients(model: Recommender, tokenizer: RQVAE, embeddings: Tensor, bat
                    lam: float, surgery_method: str, meta_batch: Batch | None = None, chunk: int | None = None,
                    share: float = 1.0, reduce: Reduce | None = None, tok_items: Tensor | None = None,
                    routing: str = "full", tok_norm: str = "sum") -> MetaResult:
-    """The bi-level tokenizer gradient of DESIGN.md section 1 for one batch (see the module docstring).
+    """The bi-level tokenizer gradient of docs/design.md §1.3 for one batch (see the module docstring).
 
     The look-ahead step is taken on `batch`, the outer loss on `meta_batch` (default: `batch`), L_tok on
     `batch`'s distinct items (`tok_norm`: summed or averaged squared errors, `RQVAE.loss`); `routing`: how

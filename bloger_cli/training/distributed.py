@@ -1,4 +1,4 @@
-"""Data-parallel training under `torchrun` (DESIGN.md section 5): DDP for the recommender, the
+"""Data-parallel training under `torchrun` (docs/design.md §4.6): DDP for the recommender, the
 tokenizer's gradients all-reduced by hand.
 
 Every rank sees the same global batch order (the seeded permutation) and takes its slice of each

@@ -1,4 +1,4 @@
-"""One training step per mode (DESIGN.md section 1), and the re-coding of items after a tokenizer update.
+"""One training step per mode (docs/design.md §4.1), and the re-coding of items after a tokenizer update.
 
 `fixed` (TIGER) updates the recommender only and the tokenizer stays frozen; `joint` updates both every
 step on L_rec + lam * L_tok through the mixed representation; `bilevel` takes the fixed step every step
