@@ -8,14 +8,14 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install quickstart test test-fast bench-prepare bench-tokenize bench-train bench-decode bench-bilevel bench clean
+.PHONY: install quickstart lint test test-fast bench-prepare bench-tokenize bench-train bench-decode bench-bilevel bench clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e ".[dev,plot]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,plot,embed]"
 	touch $@
 
 QUICK := --config examples/quickstart.toml --workspace bloger-work/quickstart
@@ -29,7 +29,12 @@ quickstart: install
 	$(BIN)/bloger export-ids $(QUICK)
 	$(BIN)/bloger status --workspace bloger-work/quickstart
 
-test: install
+# the gate before the tests: lint (ruff) and types (mypy, config in pyproject.toml); CI runs `make test`
+lint: install
+	$(BIN)/ruff check bloger_cli tests benchmarks
+	$(BIN)/mypy bloger_cli
+
+test: lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
 
 test-fast: install

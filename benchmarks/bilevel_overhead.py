@@ -107,7 +107,8 @@ def main() -> None:
     print(f"paper model, batch {args.batch}, {args.items:,} items, {args.steps_per_epoch} steps per epoch, "
           f"meta step in slices of {args.chunk or args.batch} samples")
     print(f"ordinary step: {step['seconds']:.2f} s, peak {step['peak_mib']:.0f} MiB")
-    print(f"meta step (+ tokenizer step + codes of all items): {meta['seconds']:.2f} s, peak {meta['peak_mib']:.0f} MiB "
+    print(f"meta step (+ tokenizer step + codes of all items): {meta['seconds']:.2f} s, "
+          f"peak {meta['peak_mib']:.0f} MiB "
           f"({meta['peak_mib'] / max(step['peak_mib'], 1):.2f}x the ordinary step)")
     epoch = args.steps_per_epoch * step["seconds"]
     for updates in (1, 2, 4):

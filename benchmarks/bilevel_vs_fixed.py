@@ -1,4 +1,4 @@
-"""Bilevel against fixed (issue 14, DESIGN.md section 7): the same data, model, step budget and
+"""Bilevel against fixed (issue 14, docs/design.md §4.7): the same data, model, step budget and
 validation for every variant, several seeds, item-level test Recall@10 / NDCG@10 as mean ± 95% interval,
 and a paired comparison per dataset (same seed = same initial weights and batch order in both modes).
 
@@ -140,7 +140,8 @@ def summarize(rows: list[dict], split: str, variants: list[str]) -> dict:
         for v, got in by.items():
             if not got:
                 continue
-            entry = {"seeds": [r["seed"] for r in got], "train_seconds": statistics.mean(r["train_seconds"] for r in got)}
+            entry = {"seeds": [r["seed"] for r in got],
+                     "train_seconds": statistics.mean(r["train_seconds"] for r in got)}
             for metric in ("recall@10", "ndcg@10", "recall@5", "ndcg@5"):
                 values = [r.get(prefix + metric) for r in got]
                 if all(x is not None for x in values):
@@ -155,7 +156,8 @@ def summarize(rows: list[dict], split: str, variants: list[str]) -> dict:
             base = {r["seed"]: r for r in by.get("fixed", [])}
             if v != "fixed" and base:
                 for metric in ("recall@10", "ndcg@10"):
-                    diffs = [r[prefix + metric] - base[r["seed"]][prefix + metric] for r in got if r["seed"] in base]
+                    diffs = [r[prefix + metric] - base[r["seed"]][prefix + metric]
+                             for r in got if r["seed"] in base]
                     if diffs:
                         mean, half = interval(diffs)
                         entry[f"paired_{metric}"] = {"mean": mean, "half": half, "wins": sum(d > 0 for d in diffs),
@@ -165,11 +167,23 @@ def summarize(rows: list[dict], split: str, variants: list[str]) -> dict:
     return out
 
 
+def _pm(entry: dict, key: str) -> str:
+    return f"{entry[key][0]:.4f} ± {entry[key][1]:.4f}" if key in entry else "-"
+
+
+def _paired(entry: dict, key: str) -> str:
+    p = entry.get(f"paired_{key}")
+    if p is None:
+        return "-"
+    return f"{p['mean']:+.4f} ± {p['half']:.4f}{'*' if p['significant'] else ''} ({p['wins']}/{p['n']})"
+
+
 def markdown(summary: dict, args: argparse.Namespace, machine: str, started: str) -> str:
     split = "test" if args.split == "test" else "validation"
     lines = ["# Bilevel against fixed (generated; do not edit)", "",
              f"Command: `python benchmarks/bilevel_vs_fixed.py --datasets {args.datasets} --variants {args.variants} "
-             f"--seeds {args.seeds} --split {args.split}`{' (these rows were summarized from WORK/rows.jsonl)' if args.from_rows else ''}  ",
+             f"--seeds {args.seeds} --split {args.split}`"
+             f"{' (these rows were summarized from WORK/rows.jsonl)' if args.from_rows else ''}  ",
              f"Machine: {machine}  ", f"Seeds: {', '.join(str(42 + i) for i in range(args.seeds))} (the same seed: the "
              "same initial weights and batch order in every variant)  ",
              f"{'Summarized' if args.from_rows else 'Started'}: {started}", "",
@@ -180,20 +194,15 @@ def markdown(summary: dict, args: argparse.Namespace, machine: str, started: str
              "steps and validation for every variant).", ""]
     for name, table in summary.items():
         lines += [f"## {name}", "", "| variant | seeds | R@10 | N@10 | paired R@10 | paired N@10 | val N@10 | churn / "
-                  "update (weighted) | level-1 density, entropy | s / run |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "update (weighted) | level-1 density, entropy | s / run |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for v, e in table.items():
-            def pm(key: str) -> str:
-                return f"{e[key][0]:.4f} ± {e[key][1]:.4f}" if key in e else "-"
-
-            def paired(key: str) -> str:
-                p = e.get(f"paired_{key}")
-                return "-" if p is None else f"{p['mean']:+.4f} ± {p['half']:.4f}{'*' if p['significant'] else ''} " \
-                    f"({p['wins']}/{p['n']})"
             churn = f"{e['mean_churn']:.3f} ({e['mean_churn_weighted']:.3f})" if "mean_churn" in e else "-"
             level = f"{e['level1_density']:.2f}, {e['level1_entropy']:.2f}" if "level1_density" in e else "-"
             val = f"{e['val_ndcg@10'][0]:.4f}" if "val_ndcg@10" in e else "-"
-            lines.append(f"| {v} | {len(e['seeds'])} | {pm('recall@10')} | {pm('ndcg@10')} | {paired('recall@10')} | "
-                         f"{paired('ndcg@10')} | {val} | {churn} | {level} | {e['train_seconds']:.0f} |")
+            lines.append(f"| {v} | {len(e['seeds'])} | {_pm(e, 'recall@10')} | {_pm(e, 'ndcg@10')} | "
+                         f"{_paired(e, 'recall@10')} | {_paired(e, 'ndcg@10')} | {val} | {churn} | {level} | "
+                         f"{e['train_seconds']:.0f} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 

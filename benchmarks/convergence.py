@@ -3,7 +3,7 @@ length-grouped batches (this version) and without (every batch as long as its lo
 real data is nearly always the cap: the padding of earlier versions), the validation NDCG@10 against
 wall time of both, and the test metrics of the best checkpoint.
 
-    python benchmarks/convergence.py                       # pipelines/lastfm.toml -> pipelines/results/lastfm-convergence.*
+    python benchmarks/convergence.py       # pipelines/lastfm.toml -> pipelines/results/lastfm-convergence.*
 
 Upstream stages run once in WORK/NAME; each side trains in WORK/NAME-convergence/SIDE. The last line
 printed is the ratio of the wall times to the best validation (ungrouped / grouped).
@@ -49,8 +49,10 @@ def train_side(name: str, source: Path, config: Path, side: str, threads: int, b
              for r in pq.read_table(root / "history.parquet").to_pylist() if r["val_ndcg_10"] is not None]
     best = next(c for c in curve if c["step"] == result["best_step"])
     test = evaluate(EvaluateConfig(split="test", k=[5, 10], device="cpu"), Workspace(root), force=True).result
-    stopped = result["steps"] - result["best_step"] >= cfg.train.patience * (result["steps"] // max(1, result["epochs_run"]))
-    return {"side": side, "wall_seconds": wall, "ended_by": "early stop" if stopped else "the time cap", "steps": result["steps"], "best_step": result["best_step"],
+    steps_per_epoch = result["steps"] // max(1, result["epochs_run"])
+    stopped = result["steps"] - result["best_step"] >= cfg.train.patience * steps_per_epoch
+    return {"side": side, "wall_seconds": wall, "ended_by": "early stop" if stopped else "the time cap",
+            "steps": result["steps"], "best_step": result["best_step"],
             "seconds_to_best": best["elapsed"], "samples_per_s": result["samples_per_s"], "curve": curve,
             "test": test["metrics"]}
 
@@ -87,12 +89,14 @@ def main() -> None:
              f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "",
              "Mode fixed, the recipe of the config, trained until early stopping (or the --time-budget cap); test "
              "metrics of best.pt.", "",
-             "| batches | steps | best at step | s to best | s in all | ended by | samples/s | test R@5 | N@5 | R@10 | N@10 |",
+             "| batches | steps | best at step | s to best | s in all | ended by | samples/s "
+             "| test R@5 | N@5 | R@10 | N@10 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r["test"]
         lines.append(f"| {r['side']} | {r['steps']} | {r['best_step']} | {r['seconds_to_best']:.0f} | "
-                     f"{r['wall_seconds']:.0f} | {r['ended_by']} | {r['samples_per_s']:.0f} | {t['recall@5']:.4f} | {t['ndcg@5']:.4f} | "
+                     f"{r['wall_seconds']:.0f} | {r['ended_by']} | {r['samples_per_s']:.0f} | "
+                     f"{t['recall@5']:.4f} | {t['ndcg@5']:.4f} | "
                      f"{t['recall@10']:.4f} | {t['ndcg@10']:.4f} |")
     lines += ["", "Validation NDCG@10 against wall time (grouped batches):", "", "| step | seconds | val N@10 |",
               "|---|---|---|"]

@@ -30,6 +30,12 @@ def level1(stats_path: Path) -> tuple[float, float]:
     return row["density"], row["entropy_bits"]
 
 
+def _mean_sd(rows: list[dict], key: str) -> str:
+    values = [r[key] for r in rows]
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4f} ± {spread:.4f}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workspace", required=True, help="a tokenized workspace (RQ-VAE)")
@@ -80,11 +86,7 @@ def main() -> None:
     for mode in args.modes.split(","):
         got = [r for r in rows if r["mode"] == mode]
 
-        def fmt(key: str) -> str:
-            values = [r[key] for r in got]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            return f"{statistics.mean(values):.4f} ± {spread:.4f}"
-        print(f"{mode:14} {fmt('recall@10'):>17} {fmt('ndcg@10'):>17} "
+        print(f"{mode:14} {_mean_sd(got, 'recall@10'):>17} {_mean_sd(got, 'ndcg@10'):>17} "
               f"{statistics.mean(r['density'] for r in got):8.3f} {statistics.mean(r['entropy'] for r in got):8.3f} "
               f"{statistics.mean(r['s_per_epoch'] for r in got):8.1f}")
 

@@ -75,7 +75,7 @@ def recbole(python: str, data: Path, args: argparse.Namespace, scratch: Path) ->
     started = time.perf_counter()
     out = subprocess.run([python, "-c", RECBOLE_RUNNER, json.dumps(config)], capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=scratch)  # its log/ goes there
-    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    line = next((row for row in out.stdout.splitlines() if row.startswith("RESULT ")), None)
     if out.returncode != 0 or line is None:
         sys.exit(f"RecBole failed (exit {out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
     result = json.loads(line[len("RESULT "):])

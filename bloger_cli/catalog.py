@@ -10,7 +10,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -107,7 +107,8 @@ class Catalog:
         return run_id
 
     def finish_run(self, run_id: str, status: str, result: dict[str, Any] | None = None,
-                   error: str | None = None, artifacts: list[ArtifactInfo] = (), run_name: str | None = None) -> None:
+                   error: str | None = None, artifacts: Sequence[ArtifactInfo] = (),
+                   run_name: str | None = None) -> None:
         """Close a run; on success register its artifacts as the current ones of their kinds (per run
         name for the kinds each run has its own of)."""
         root = self.path.parent
@@ -187,5 +188,6 @@ def _relative(path: Path, root: Path) -> str:
 
 def _has_column(con: duckdb.DuckDBPyConnection, table: str, column: str) -> bool:
     """Read-only connections cannot migrate: an old catalog lacks the columns newer versions add."""
-    return bool(con.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = ? AND "
-                            "column_name = ?", [table, column]).fetchone()[0])
+    row = con.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = ? AND column_name = ?",
+                      [table, column]).fetchone()
+    return bool(row and row[0])

@@ -10,7 +10,7 @@ import importlib
 import inspect
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
+from typer import _click as click  # typer 0.29 vendors click: its Context is this one
 from typer.core import TyperGroup
 
 from bloger_cli import __version__, progress
@@ -26,6 +27,7 @@ from bloger_cli.config import resolve_config, stage_config
 from bloger_cli.errors import BlogerError, Interrupted, WorkspaceError
 from bloger_cli.options import Invocation, JsonOpt, LockOpt, Opt, RunOpt, WorkspaceOpt, command_function
 from bloger_cli.render import RENDERERS, emit, err, render_generic, render_report, render_runs
+from bloger_cli.report.config import ReportConfig
 from bloger_cli.workspace import DEFAULT_WORKSPACE, Workspace, problems, stage_status
 from bloger_cli.workspace import repair as repair_workspace
 
@@ -48,7 +50,7 @@ def format_validation_error(exc: ValidationError, stage: str) -> str:
 class BoundaryGroup(TyperGroup):
     """The one error boundary: expected errors become a red line and an exit code, no traceback."""
 
-    def invoke(self, ctx: typer.Context) -> Any:
+    def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except BlogerError as exc:
@@ -73,7 +75,7 @@ class BoundaryGroup(TyperGroup):
 
 
 app = typer.Typer(
-    cls=BoundaryGroup, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    cls=BoundaryGroup, no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False,
     help="bloger: generative recommenders with BLOGER bi-level tokenizer/recommender training.",
 )
 
@@ -114,7 +116,7 @@ RUN_SHARED = (*STAGE_SHARED, "run")  # the stages whose outputs belong to a run 
 
 
 def stage_command(name: str, module: str, opts: list[Opt], doc: str, *, shared: tuple[str, ...] = STAGE_SHARED,
-                  extra: list[inspect.Parameter] = (), force: bool | None = None) -> None:
+                  extra: Sequence[inspect.Parameter] = (), force: bool | None = None) -> None:
     """Register `bloger NAME`: resolve the config, run `bloger_cli.stages.MODULE.run`, render."""
     model = stage_config(name)
 
@@ -294,8 +296,9 @@ def _report(call: Invocation) -> None:
 
     roots = call.extra["workspaces"] or [DEFAULT_WORKSPACE]
     options = {**call.options, "out": call.options["out"] or roots[0] / "report"}
-    result = run(resolve_config("report", call.shared["config"], options, call.shared["set_"]), roots,
-                 force=call.extra["replace"])
+    cfg = resolve_config("report", call.shared["config"], options, call.shared["set_"])
+    assert isinstance(cfg, ReportConfig)
+    result = run(cfg, roots, force=call.extra["replace"])
     emit(result, call.shared["as_json"], render_report)
 
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from bloger_cli.baseline.config import BaselineConfig
 from bloger_cli.config_base import Device, StrictModel, device_field, seed_field
@@ -139,7 +139,7 @@ class EmbedConfig(StrictModel):
 
 
 class TokenizeConfig(StrictModel):
-    """`bloger tokenize`: embeddings -> semantic IDs (RQ-VAE of DESIGN.md section 1, or residual k-means)."""
+    """`bloger tokenize`: embeddings -> semantic IDs (RQ-VAE of docs/design.md §1.1, or residual k-means)."""
 
     unhashed = frozenset({"warm_start"})
 
@@ -222,7 +222,7 @@ def stage_config(stage: str) -> type[StrictModel]:
     return STAGE_CONFIGS[stage]
 
 
-def config_hash(config: BaseModel) -> str:
+def config_hash(config: StrictModel) -> str:
     """A short stable hash of a resolved config (what the catalog and artifact metadata record)."""
     dump = config.model_dump(mode="json", exclude=set(type(config).unhashed))
     blob = json.dumps(dump, sort_keys=True, separators=(",", ":"))

@@ -97,7 +97,7 @@ def clear(root: Path) -> None:
     (root / JOURNAL).unlink(missing_ok=True)
 
 
-def stray_temps(root: Path, keep: set[Path] = frozenset()) -> list[Path]:
+def stray_temps(root: Path, keep: frozenset[Path] | set[Path] = frozenset()) -> list[Path]:
     """Temporary files of writers that died (their process is gone), outside a pending commit."""
     found = []
     for directory in (root, *sorted(p for p in (root / "runs").glob("*") if p.is_dir()),

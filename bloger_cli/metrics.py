@@ -1,4 +1,4 @@
-"""Ranking metrics on item ids: Recall@K and NDCG@K, one relevant item per user (DESIGN section 3).
+"""Ranking metrics on item ids: Recall@K and NDCG@K, one relevant item per user (docs/design.md §5.3).
 
 Pure torch, no I/O. A ranked list is a row of item ids, best first, with -1 for an empty slot (beam
 search may return fewer valid items than asked for). Metrics are computed on item ids, never on code

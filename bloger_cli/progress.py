@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -51,7 +51,7 @@ class Steps:
         self.title = title
         self._progress: Progress | None = None
         self._owned = False
-        self._task = None
+        self._task: TaskID | None = None  # set together with _progress
 
     def __enter__(self) -> Steps:
         if enabled():
@@ -64,11 +64,11 @@ class Steps:
 
     def step(self, message: str) -> None:
         log.debug("%s: %s", self.title, message)
-        if self._progress is not None:
+        if self._progress is not None and self._task is not None:
             self._progress.update(self._task, description=f"{self.title}: {message}")
 
     def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
+        if self._progress is not None and self._task is not None:
             self._progress.remove_task(self._task)
             if self._owned:
                 _stop(self._progress)
@@ -86,7 +86,7 @@ class Bar:
         self.done = 0
         self._progress: Progress | None = None
         self._owned = False
-        self._task = None
+        self._task: TaskID | None = None  # set together with _progress
 
     def __enter__(self) -> Bar:
         if enabled():
@@ -103,11 +103,11 @@ class Bar:
 
     def advance(self, n: int = 1, status: str = "") -> None:
         self.done += n
-        if self._progress is not None:
+        if self._progress is not None and self._task is not None:
             self._progress.update(self._task, advance=n, count=self._count(status))
 
     def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
+        if self._progress is not None and self._task is not None:
             self._progress.remove_task(self._task)
             if self._owned:
                 _stop(self._progress)

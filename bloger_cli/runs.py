@@ -54,5 +54,5 @@ def list_runs(workspaces: list[Path], *, stage: str | None = None, mode: str | N
                 "seconds": round(seconds, 1) if seconds is not None else None, "error": run.error,
                 "churn": run.result.get("mean_churn"),  # bilevel: mean share of items re-coded per update
             })
-    rows.sort(key=lambda r: r["started_at"] or "", reverse=True)
+    rows.sort(key=lambda r: str(r["started_at"] or ""), reverse=True)
     return rows

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from filelock import FileLock, Timeout
-from pydantic import BaseModel
 
 from bloger_cli import journal
 from bloger_cli.artifacts import (
@@ -34,6 +33,7 @@ from bloger_cli.artifacts import (
 )
 from bloger_cli.catalog import Catalog, RunRecord
 from bloger_cli.config import config_hash
+from bloger_cli.config_base import StrictModel
 from bloger_cli.errors import ArtifactError, ConfigError, Interrupted, WorkspaceBusy, WorkspaceError
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ def _outputs_intact(ws: Workspace, run: RunRecord) -> bool:
 def run_stage(
     ws: Workspace,
     stage: str,
-    config: BaseModel,
+    config: StrictModel,
     inputs: dict[str, str],
     body: Callable[[StageContext], dict[str, Any]],
     *,

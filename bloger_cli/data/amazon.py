@@ -37,6 +37,8 @@ from bloger_cli.data.sources import (
     SourceInfo,
     empty_items,
     first_line,
+    input_path,
+    one_row,
     quote_ident,
     register_items,
     require_file,
@@ -151,7 +153,7 @@ def _meta_beside(reviews: Path, fmt: _Reviews, in_directory: bool) -> Path | Non
 
 
 def _files(cfg: PrepareConfig, fmt: _Reviews) -> SourceFiles:
-    path = cfg.input
+    path = input_path(cfg)
     in_directory = path.is_dir()
     if in_directory:
         path = _reviews_in(path, fmt)
@@ -236,9 +238,9 @@ def _load_reviews(con: duckdb.DuckDBPyConnection, path: Path, fmt: _Reviews) -> 
         )
     except duckdb.Error as exc:
         raise _bad_file(path, fmt.required, fmt.expected, f"cannot read it ({first_line(exc)})") from None
-    incomplete, rated = con.execute(
-        "SELECT count(*) FILTER (WHERE user_key IS NULL OR item_key IS NULL OR ts IS NULL), count(rating) FROM raw"
-    ).fetchone()
+    incomplete, rated = one_row(
+        con, "SELECT count(*) FILTER (WHERE user_key IS NULL OR item_key IS NULL OR ts IS NULL), count(rating) FROM raw"
+    )
     if incomplete:
         raise _bad_file(path, fmt.required, fmt.expected, f"{incomplete} reviews lack a user, item or time")
     return SourceInfo(has_time=True, has_rating=rated > 0)
@@ -254,8 +256,7 @@ def _drop_empty_fields(con: duckdb.DuckDBPyConnection, fields: list[str]) -> lis
     """Drop text columns that no item fills (a 2014 file has no `features`); returns those kept."""
     if not fields:
         return []
-    counts = con.execute("SELECT " + ", ".join(f"count({quote_ident(f)})" for f in fields)
-                         + " FROM raw_items").fetchone()
+    counts = one_row(con, "SELECT " + ", ".join(f"count({quote_ident(f)})" for f in fields) + " FROM raw_items")
     for f, n in zip(fields, counts):
         if n == 0:
             con.execute(f"ALTER TABLE raw_items DROP COLUMN {quote_ident(f)}")

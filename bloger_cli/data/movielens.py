@@ -28,6 +28,8 @@ from bloger_cli.data.sources import (
     empty_items,
     find_one,
     first_line,
+    input_path,
+    one_row,
     require_file,
     sql_literal,
 )
@@ -88,7 +90,7 @@ def _layout_of(path: Path) -> _Layout:
 
 
 def movielens_files(cfg: PrepareConfig) -> SourceFiles:
-    path = cfg.input
+    path = input_path(cfg)
     if path.is_dir():
         path = find_one(path, [layout.ratings for layout in LAYOUTS], "MovieLens ratings")
     require_file(path, "ratings")
@@ -146,8 +148,8 @@ def load_movielens(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig, files: So
 
 def _check_complete(con: duckdb.DuckDBPyConnection, path: Path, layout: _Layout) -> None:
     """Empty fields read as NULL; a rating without user, movie or time is an error, not a silent gap."""
-    row = con.execute("SELECT min(ord) FROM raw WHERE user_key IS NULL OR item_key IS NULL OR ts IS NULL "
-                      "OR rating IS NULL").fetchone()
+    row = one_row(con, "SELECT min(ord) FROM raw WHERE user_key IS NULL OR item_key IS NULL OR ts IS NULL "
+                       "OR rating IS NULL")
     if row[0] is not None:
         line = int(row[0]) + 1 + int(layout.header)
         raise DataError(f"{path}: line {line} has an empty field; every rating needs user, movie, rating "

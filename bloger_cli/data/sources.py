@@ -53,6 +53,19 @@ class SourceInfo:
     notes: list[str] = field(default_factory=list)
 
 
+def input_path(cfg: PrepareConfig) -> Path:
+    """`--input`: PrepareConfig requires it for every source but synthetic, which reads no files."""
+    assert cfg.input is not None, f"source {cfg.source!r} without an input passed validation"
+    return cfg.input
+
+
+def one_row(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[Any, ...]:
+    """The row of a query that always returns exactly one (an aggregate without GROUP BY)."""
+    row = con.execute(sql).fetchone()
+    assert row is not None, f"no row from {sql}"
+    return row
+
+
 def require_file(path: Path, what: str) -> Path:
     """A clear error for a missing or empty input file."""
     if not path.exists():
@@ -135,7 +148,7 @@ def interactions_and_items(cfg: PrepareConfig, pattern: str, what: str,
                            beside: Callable[[Path], Path]) -> SourceFiles:
     """The interactions file (`--input`, or the one file matching `pattern` in that directory) and the
     item file (`--items`, else `beside(interactions)` when it exists), both checked."""
-    path = cfg.input
+    path = input_path(cfg)
     if path.is_dir():
         path = find_one(path, [pattern], f"{what} ({pattern})")
     require_file(path, "interactions")
@@ -243,9 +256,9 @@ def require_columns(path: Path, columns: dict[str, str], wanted: dict[str, str])
 def require_times(con: duckdb.DuckDBPyConnection, path: Path, source: str, col: str) -> None:
     """Every row needs a time: a missing one would otherwise sort by row number, before all real times."""
     q = quote_ident(col)
-    missing, first = con.execute(
-        f"SELECT count(*), min(r) FROM (SELECT row_number() OVER () AS r, {q} AS v FROM {source}) WHERE v IS NULL"
-    ).fetchone()
+    missing, first = one_row(
+        con, f"SELECT count(*), min(r) FROM (SELECT row_number() OVER () AS r, {q} AS v FROM {source}) WHERE v IS NULL"
+    )
     if missing:
         raise DataError(f"{path}: column {col!r} is empty in {missing} row(s) (the first is data row {first}); "
                         "every interaction needs a time")
@@ -275,7 +288,7 @@ def quote_ident(name: str) -> str:
 
 
 def table_files(cfg: PrepareConfig) -> SourceFiles:
-    return SourceFiles([require_file(cfg.input, "interactions")],
+    return SourceFiles([require_file(input_path(cfg), "interactions")],
                        require_file(cfg.items, "item metadata") if cfg.items else None)
 
 
@@ -283,7 +296,9 @@ def load_table(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig, files: Source
     path = files.interactions[0]
     reader = table_reader(path)
     columns = describe(con, path, reader)
-    wanted = {"--user-col": cfg.user_col, "--item-col": cfg.item_col}
+    user_col, item_col = cfg.user_col, cfg.item_col
+    assert user_col is not None and item_col is not None, "PrepareConfig: source 'table' needs both"
+    wanted = {"--user-col": user_col, "--item-col": item_col}
     if cfg.time_col:
         wanted["--time-col"] = cfg.time_col
     if cfg.rating_col:
@@ -296,8 +311,8 @@ def load_table(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig, files: Source
         ts = time_expression(con, path, "src", cfg.time_col, columns[cfg.time_col])
     rating = f"TRY_CAST({quote_ident(cfg.rating_col)} AS DOUBLE)" if cfg.rating_col else "NULL"
     con.execute(
-        f"CREATE OR REPLACE TABLE raw AS SELECT {quote_ident(cfg.user_col)}::VARCHAR AS user_key, "
-        f"{quote_ident(cfg.item_col)}::VARCHAR AS item_key, {ts}::BIGINT AS ts, {rating}::DOUBLE AS rating, "
+        f"CREATE OR REPLACE TABLE raw AS SELECT {quote_ident(user_col)}::VARCHAR AS user_key, "
+        f"{quote_ident(item_col)}::VARCHAR AS item_key, {ts}::BIGINT AS ts, {rating}::DOUBLE AS rating, "
         f"(row_number() OVER () - 1)::BIGINT AS ord FROM src"
     )
     con.execute("DROP TABLE src")
@@ -307,7 +322,7 @@ def load_table(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig, files: Source
         return info
     ireader = table_reader(files.items)
     icols = describe(con, files.items, ireader)
-    key = cfg.item_key_col or cfg.item_col
+    key = cfg.item_key_col or item_col
     require_columns(files.items, icols, {"--item-key-col": key})
     texts = [c for c in icols if c != key]
     select = ", ".join(f"{quote_ident(c)}::VARCHAR AS {quote_ident(safe_field_name(c))}" for c in texts)

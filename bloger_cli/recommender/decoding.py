@@ -1,4 +1,4 @@
-"""Decoding: constrained beam search over the catalog's semantic IDs, and an exact scorer (DESIGN section 3).
+"""Decoding: constrained beam search over the catalog's semantic IDs, and an exact scorer (docs/design.md §5).
 
 The constraint is a prefix tree on tensors (`PrefixIndex`): per level, a CSR table from each valid
 prefix to its allowed next codes, so a decoding step is one scatter into a (B*W, K) mask and one top-k
@@ -171,6 +171,7 @@ def beam_search(model: Recommender, memory: Memory, index: PrefixIndex, beam: in
         child = index.advance(level, groups.gather(1, parent).flatten(), code.flatten()).view_as(code)
         groups = torch.where(valid, child, 0)
         if level + 1 < vocab.levels:
+            assert cache is not None  # decode(use_cache=True) always returns one
             cache = cache.reorder(parent)
             step = (code + vocab.offset(level)).unsqueeze(-1)  # (B, W', 1) the chosen code's token
             hidden, cache = model.decode(memory, step, cache=cache, use_cache=True)  # (B, W', 1, D)

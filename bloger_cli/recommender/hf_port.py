@@ -60,7 +60,8 @@ def to_hf_t5(model: Recommender) -> T5ForConditionalGeneration:
     from transformers import T5Config, T5ForConditionalGeneration
 
     c = model.config
-    hf_config = T5Config(
+    # both keywords reach T5Config.__post_init__ through @strict's **kwargs, which mypy does not see
+    hf_config = T5Config(  # type: ignore[call-arg]
         vocab_size=c.vocab_size, d_model=c.d_model, d_kv=c.d_kv, d_ff=c.d_ff, num_layers=c.num_layers,
         num_decoder_layers=c.decoder_layers, num_heads=c.num_heads,
         relative_attention_num_buckets=c.rel_buckets, relative_attention_max_distance=c.rel_max_distance,
@@ -79,4 +80,5 @@ def to_hf_t5(model: Recommender) -> T5ForConditionalGeneration:
     hf.load_state_dict(state, strict=False)
     assert hf.encoder.embed_tokens.weight is hf.shared.weight and hf.lm_head.weight is not hf.shared.weight
     weight = model.shared.weight
-    return hf.to(device=weight.device, dtype=weight.dtype).train(model.training)
+    # PreTrainedModel.to is @wraps(nn.Module.to), which hides `self` from mypy
+    return hf.to(device=weight.device, dtype=weight.dtype).train(model.training)  # type: ignore[call-arg]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -183,6 +184,11 @@ class RecommenderStack(nn.Module):
         buckets = relative_position_bucket(key[None, :] - query[:, None], not self.decoder, self.buckets,
                                            self.max_distance)  # (Tq, Tk)
         return self.relative_bias(buckets).permute(2, 0, 1).unsqueeze(0)  # (1, H, Tq, Tk)
+
+    def cross_keys_values(self, memory: Tensor) -> tuple[tuple[Tensor, Tensor], ...]:
+        """Each decoder block's cross-attention keys and values over memory (B, S, D): (B, H, S, dk) each."""
+        blocks = cast(list[RecommenderBlock], list(self.blocks))  # a ModuleList yields plain Modules to mypy
+        return tuple(block.cross_attn.keys_values(memory) for block in blocks)
 
     def forward(self, x: Tensor, self_mask: Tensor, past: tuple[tuple[Tensor, Tensor], ...] | None = None,
                 cross: list[tuple[Tensor, Tensor, Tensor]] | None = None,

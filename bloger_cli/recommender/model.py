@@ -1,6 +1,6 @@
-"""The recommender of DESIGN.md section 1: a compact T5-style encoder-decoder over semantic-ID tokens,
-built bottom-up. `RecommenderConfig` (recommender/config.py) is the whole contract; `hf_port.to_hf_t5` copies the weights into
-Hugging Face's `T5ForConditionalGeneration` and gives the same logits.
+"""The recommender of docs/design.md §1.1: a compact T5-style encoder-decoder over semantic-ID tokens,
+built bottom-up. `RecommenderConfig` (recommender/config.py) is the whole contract; `hf_port.to_hf_t5` copies
+the weights into Hugging Face's `T5ForConditionalGeneration` and gives the same logits.
 
     RecommenderNorm         x / rms(x) * w in fp32 (T5LayerNorm: no mean, no bias)
     RecommenderAttention    q, k, v, o without bias; softmax(q k^T + bias + mask) v with no 1/sqrt(dk):
@@ -130,8 +130,9 @@ class Recommender(nn.Module):
         One einsum over the (L', K, D) view of the code rows: never a (..., V) one-hot. The straight-through
         is on the probabilities, as in the official code: p gets E_l^T dL/de, while E_l's gradient keeps
         the value it has without probs (the hard rows only) and still depends on p in the graph, which is
-        the second-order path of the meta step. (DESIGN.md's s - sg[s] with s = p_l @ E_l would add
-        p_l^T dL/de to E_l's gradient: the recommender would train differently once probs are given.)
+        the second-order path of the meta step (docs/design.md §1.5). The alternative s - sg[s] with
+        s = p_l @ E_l would add p_l^T dL/de to E_l's gradient: the recommender would train differently
+        once probs are given.
         """
         c = self.config
         rows = self.shared.weight[SPECIAL:SPECIAL + c.levels * c.codebook_size].view(
@@ -184,7 +185,8 @@ class Recommender(nn.Module):
         mask = attention_mask.bool()  # (B, S)
         x = self.embed(input_ids, input_probs)  # (B, S, D)
         S = input_ids.shape[1]
-        self_mask = masked_bias(self.encoder.position_bias(S, S), mask[:, None, None, :], compute_dtype(x))  # (B, H, S, S)
+        bias = self.encoder.position_bias(S, S)
+        self_mask = masked_bias(bias, mask[:, None, None, :], compute_dtype(x))  # (B, H, S, S)
         hidden, _ = self.encoder(x.unsqueeze(1), self_mask)  # (B, 1, S, D)
         return Memory(hidden.squeeze(1), mask)
 
@@ -210,7 +212,7 @@ class Recommender(nn.Module):
         zero = torch.zeros((), device=tokens.device)  # no position bias in cross-attention
         cross_mask = masked_bias(zero, memory.mask[:, None, None, :], dtype)  # (B, 1, 1, S)
         if cache is None:  # each layer's cross K/V: (B, H, S, dk), once per user whatever W is
-            cross_kv = tuple(block.cross_attn.keys_values(memory.hidden) for block in self.decoder.blocks)
+            cross_kv = self.decoder.cross_keys_values(memory.hidden)
         else:
             cross_kv = cache.cross_kv
         cross = [(k, v, cross_mask) for k, v in cross_kv]

@@ -6,6 +6,7 @@ given history identically.
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -32,7 +33,7 @@ def clamp_beam(beam: int, k: int, num_items: int) -> tuple[int, int]:
 
 @torch.no_grad()
 def rank_histories(model: Recommender, history: Tensor, codes: Tensor, vocab: Vocab, index: PrefixIndex, *,
-                   k: int, beam: int, method: str) -> Ranking:
+                   k: int, beam: int, method: Literal["beam", "exact"]) -> Ranking:
     """The model's top-k items for each history (B, H) of item ids (-1 = padding), on the model's device.
 
     The one decoder behind `evaluate` (which scores the ranking) and `recommend` (which serves it), so
@@ -45,7 +46,7 @@ def rank_histories(model: Recommender, history: Tensor, codes: Tensor, vocab: Vo
 
 @torch.no_grad()
 def decode_ranks(model: Recommender, samples: Samples, codes: Tensor, vocab: Vocab, index: PrefixIndex, *,
-                 k: int, beam: int, method: str, batch_size: int, device: torch.device,
+                 k: int, beam: int, method: Literal["beam", "exact"], batch_size: int, device: torch.device,
                  description: str = "decoding") -> Tensor:
     """The 0-based rank of each sample's target in the model's top-k (metrics.MISS when absent)."""
     was_training = model.training

@@ -91,7 +91,7 @@ def _workspace_runs(ws: Workspace) -> list[ReportRun]:
     for run_name in names:
         train = next(r for r in records if r.stage == "train-bilevel" and r.run_name == run_name)
         wsr = ws.with_run(run_name)
-        mode = train.config.get("mode") or train.result.get("mode")
+        mode = str(train.config.get("mode") or train.result.get("mode"))
         surgery = train.config.get("bilevel", {}).get("surgery", "pcgrad")
         if mode == "bilevel" and surgery != "pcgrad":  # the pipelines' bilevel-none: another setting
             mode = f"bilevel-{surgery}"
@@ -162,10 +162,10 @@ def tokenize_before(roots: list[Path]) -> dict[str, float] | None:
 
 def shared_ks(runs: list[ReportRun]) -> tuple[list[int], list[str]]:
     """The cut-offs every evaluated run has, and notes on those left out; an error when there is none."""
-    tested = [r for r in runs if r.test]
+    tested = {r.label: r.test for r in runs if r.test}
     if not tested:
         return [], []
-    ks_of = {r.label: sorted({int(name.split("@")[1]) for name in r.test}) for r in tested}
+    ks_of = {label: sorted({int(name.split("@")[1]) for name in test}) for label, test in tested.items()}
     common = sorted(set.intersection(*(set(ks) for ks in ks_of.values())))
     if not common:
         listing = "; ".join(f"{label} has K = {', '.join(map(str, ks))}" for label, ks in ks_of.items())
@@ -182,11 +182,12 @@ def summarize_modes(runs: list[ReportRun], ks: list[int]) -> list[dict[str, Any]
     out = []
     for mode in dict.fromkeys(r.mode for r in runs if r.test):
         group = [r for r in runs if r.mode == mode and r.test]
+        tests = [r.test for r in group if r.test]  # all of them: the test narrows the type
         row: dict[str, Any] = {"mode": mode, "stage": group[0].stage, "runs": len(group),
                                "seeds": sorted({r.seed for r in group if r.seed is not None})}
         for k in ks:
             for metric in ("recall", "ndcg"):
-                row[f"{metric}@{k}"] = interval95([r.test[f"{metric}@{k}"] for r in group])
+                row[f"{metric}@{k}"] = interval95([test[f"{metric}@{k}"] for test in tests])
         out.append(row)
     return out
 

@@ -134,20 +134,20 @@ def tokenizer_figure(runs: list[ReportRun], notes: list[str]) -> bytes | None:
 
 def codebook_figure(runs: list[ReportRun], notes: list[str]) -> bytes | None:
     """Per level: items per code, codes sorted from most to least used, one step line per run."""
-    coded = [r for r in runs if r.codes is not None]
+    # (label, codes (N, L), K): collect.py sets a run's codes and codebook size together
+    coded = [(r.label, r.codes, r.codebook_size) for r in runs if r.codes is not None and r.codebook_size is not None]
     if not coded:
         return None
-    levels = max(r.codes.shape[1] for r in coded)
+    levels = max(codes.shape[1] for _, codes, _ in coded)
     fig = _figure(min(4.0 * levels, 16), 3.6)
     axes = np.atleast_1d(fig.subplots(1, levels))
     for level, ax in enumerate(axes):
-        for run in coded:
-            if level >= run.codes.shape[1]:
+        for label, codes, size in coded:
+            if level >= codes.shape[1]:
                 continue
-            counts = np.sort(np.bincount(run.codes[:, level], minlength=run.codebook_size))[::-1]
+            counts = np.sort(np.bincount(codes[:, level], minlength=size))[::-1]
             used = int((counts > 0).sum())
-            ax.step(np.arange(1, len(counts) + 1), counts, where="mid",
-                    label=f"{run.label}: {used}/{len(counts)} used")
+            ax.step(np.arange(1, len(counts) + 1), counts, where="mid", label=f"{label}: {used}/{len(counts)} used")
         ax.set_title(f"level {level + 1}", fontsize="medium")
         ax.set_xlabel("code (by usage)")
         ax.set_ylabel("items")

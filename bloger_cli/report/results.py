@@ -2,7 +2,7 @@
 
 Per mode, test Recall/NDCG@5/10 (mean and spread over seeds), the device, seconds per epoch and the
 codebook statistics (level 1, before training and after), the baselines on the same split, and the
-paper's rows (DESIGN.md). A file whose content would not change is left alone, so re-running make
+paper's rows (docs/design.md §1.8). A file whose content would not change is left alone, so re-running make
 touches nothing. (Formerly pipelines/report.py.)
 """
 
@@ -17,7 +17,7 @@ from bloger_cli.errors import DataError
 from bloger_cli.report.collect import ReportRun
 
 METRICS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
-# arXiv 2510.21242, main table and Beauty ablation (R@5, N@5, R@10, N@10); DESIGN.md section 1
+# arXiv 2510.21242, main table and Beauty ablation (R@5, N@5, R@10, N@10); docs/design.md §1.8
 PAPER = {
     "beauty": {"SASRec": (.0372, .0237, .0602, .0311), "Fixed (TIGER)": (.0384, .0256, .0609, .0329),
                "Joint": (.0418, .0272, .0637, .0342), "BLOGER w/o surgery": (.0329, .0209, .0530, .0274),
@@ -30,12 +30,13 @@ PAPER = {
 
 
 def _row(run: ReportRun, before: dict[str, float]) -> dict[str, Any]:
-    missing = [k for k in METRICS if k not in (run.test or {})]
+    test = run.test or {}
+    missing = [k for k in METRICS if k not in test]
     if missing:
         raise DataError(f"{run.label}: no test {', '.join(missing)} for the results file",
                         hint=f"run `bloger evaluate -w {run.workspace}` (K 5 and 10 are needed)")
     r = run.result
-    row = {"mode": run.mode, "seed": run.seed, **{k: run.test[k] for k in METRICS},
+    row = {"mode": run.mode, "seed": run.seed, **{k: test[k] for k in METRICS},
            # device None: popularity computes nothing
            "device": r.get("device_name") or r.get("device"), "seconds_per_epoch": r.get("seconds_per_epoch"),
            "epochs": r.get("epochs_run"), "best_epoch": r.get("best_epoch")}

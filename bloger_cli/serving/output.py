@@ -63,6 +63,7 @@ class RowWriter:
         elif self._csv is not None:
             self._csv.write_table(table)
         else:
+            assert self._jsonl is not None, "write() outside the with block"
             self._jsonl.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in table.to_pylist())
         self.rows += table.num_rows
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import duckdb
 import numpy as np
@@ -44,7 +45,8 @@ class Requests:
         return len(self.user_keys)
 
 
-def workspace_users(ws: Workspace, users_file: Path | None, as_of: str | None, max_history: int) -> Requests:
+def workspace_users(ws: Workspace, users_file: Path | None, as_of: Literal["valid", "test"] | None,
+                    max_history: int) -> Requests:
     """Every user of the workspace, or those `users_file` names (in its order), with their histories."""
     sequences = read_table(ws.path("sequences"), SPECS["sequences"], columns=["user_id", "items"])
     users = read_table(ws.path("users"), SPECS["users"], columns=["user_id", "user_key"])

@@ -117,6 +117,7 @@ def train_sasrec(ctx: StageContext, cfg: BaselineConfig, sequences: Path, num_it
         elif cfg.patience is not None and epoch - best_epoch >= cfg.patience:
             log.info("no better validation NDCG@10 for %d epochs: stopping", cfg.patience)
             break
+    assert best_state is not None  # the first epoch always improves on -1
     model.load_state_dict(best_state)
     save_torch({"state_dict": best_state, "sasrec": cfg.sasrec.model_dump(mode="json"), "num_items": num_items,
                 "max_len": model.max_len, "epoch": best_epoch, "rows": num_items},

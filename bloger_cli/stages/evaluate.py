@@ -81,7 +81,7 @@ def best_baseline(ws: Workspace, split: str, names: list[str]) -> dict[str, Any]
     latest: dict[str, Any] = {}
     for run in ws.catalog.runs("baseline", "done"):  # newest first: the latest run of each model
         if run.inputs.get("artifact:sequences") == current:
-            latest.setdefault(run.config.get("model"), run)
+            latest.setdefault(str(run.config.get("model")), run)
     candidates = [(model, {n: run.result["metrics"][n] for n in names if n in run.result.get("metrics", {})}, run)
                   for model, run in latest.items()]
     candidates = [c for c in candidates if c[1]]

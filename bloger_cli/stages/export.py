@@ -96,9 +96,12 @@ def _export(ctx: StageContext, cfg: ExportConfig, plan: _Plan) -> dict[str, Any]
             "codebooks": str(cfg.codebooks) if cfg.codebooks else None,
         }
         if cfg.compare is not None:
+            assert plan.compare_format is not None  # _plan resolves it whenever --compare is given
             result.update(compare(con, table, cfg.compare, plan.compare_format))
         files = [OutFile("--out", cfg.out, plan.out_format, table)]
         if cfg.codebooks is not None:
+            # _plan resolves both whenever --codebooks is given
+            assert plan.tokenizer is not None and plan.codebooks_format is not None
             books = codebook_tensors(load_torch(plan.tokenizer.path, SPECS[plan.tokenizer.kind]), plan.tokenizer.path)
             files.append(OutFile("--codebooks", cfg.codebooks, plan.codebooks_format, codebook_table(books)))
         metadata = {"bloger.version": __version__, "bloger.run_id": ctx.run_id,

@@ -26,6 +26,7 @@ import torch
 
 from bloger_cli.artifacts import temp_path_for
 from bloger_cli.errors import ConfigError
+from bloger_cli.recommender.hf_port import to_hf_t5
 from bloger_cli.recommender.vocab import EOS, PAD, SPECIAL
 from bloger_cli.serving.bundle import Served, from_workspace
 from bloger_cli.serving.config import ExportModelConfig
@@ -85,8 +86,6 @@ def _replace(tmp: Path, out: Path) -> None:
 def write_hf(served: Served, folder: Path, name: str) -> None:
     """The Hugging Face folder (written at `folder`, to be called `name`): model weights and config, the ID
     table, the token layout, a README."""
-    from bloger_cli.recommender.hf_port import to_hf_t5
-
     try:
         hf = to_hf_t5(served.model.cpu())
     except ImportError:

@@ -15,7 +15,7 @@ import duckdb
 from bloger_cli.artifacts import copy_query
 from bloger_cli.config import PrepareConfig
 from bloger_cli.data import amazon, movielens, sources, synthetic
-from bloger_cli.data.sources import Importer, SourceFiles, SourceInfo, quote_ident, sql_literal
+from bloger_cli.data.sources import Importer, SourceFiles, SourceInfo, one_row, quote_ident, sql_literal
 from bloger_cli.data.splits import MIN_SEQUENCE, sample_counts
 from bloger_cli.errors import ConfigError, DataError
 from bloger_cli.progress import Steps
@@ -55,7 +55,7 @@ def run(cfg: PrepareConfig, ws: Workspace, *, force: bool = False, lock_timeout:
 
 
 def _count(con: duckdb.DuckDBPyConnection, sql: str) -> int:
-    return int(con.execute(sql).fetchone()[0])
+    return int(one_row(con, sql)[0])
 
 
 def _prepare(ctx: StageContext, cfg: PrepareConfig, files: SourceFiles) -> dict[str, Any]:
@@ -213,9 +213,8 @@ def _summary(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig, info: SourceInf
              removed: list[dict[str, Any]]) -> dict[str, Any]:
     users, items, inter = (_count(con, f"SELECT count(*) FROM {t}") for t in ("user_map", "item_map", "inter"))
     lengths = "(SELECT n_interactions AS n FROM user_map)"
-    avg, median, lo, hi = con.execute(
-        f"SELECT avg(n), median(n), min(n), max(n) FROM {lengths}").fetchone()
-    train, valid, test = con.execute(sample_counts(lengths)).fetchone()
+    avg, median, lo, hi = one_row(con, f"SELECT avg(n), median(n), min(n), max(n) FROM {lengths}")
+    train, valid, test = one_row(con, sample_counts(lengths))
     no_text = items
     if info.text_fields:
         filled = " OR ".join(f"nullif(trim(r.{quote_ident(f)}), '') IS NOT NULL" for f in info.text_fields)

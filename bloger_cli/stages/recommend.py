@@ -1,6 +1,6 @@
 """`bloger recommend`: the top-K items per user from a trained model, streamed to Parquet, CSV or JSONL.
 
-Decoding is `evaluation.rank_histories`, the decoder `evaluate` scores, so `--as-of test
+Decoding is `recommender/ranking.rank_histories`, the decoder `evaluate` scores, so `--as-of test
 --no-exclude-seen` reproduces evaluate's rankings exactly. With `--exclude-seen` (default) each user
 gets K + (their seen items) candidates, from a beam at least that wide, and the seen ones are dropped:
 K remain whenever the catalog has K unseen items. A history with no known item gets the most popular
@@ -42,12 +42,17 @@ def run(cfg: RecommendConfig, ws: Workspace | None, *, force: bool = False) -> d
     if cfg.k < 1:
         raise ConfigError(f"--k {cfg.k}: must be at least 1")
     fmt = check_output(cfg.out, force)
-    served = from_file(cfg.model) if cfg.model is not None else from_workspace(ws.latest_run(), cfg.checkpoint)
+    if cfg.model is None:
+        assert ws is not None  # the CLI passes the workspace whenever no --model file is given
+        served = from_workspace(ws.latest_run(), cfg.checkpoint)
+    else:
+        served = from_file(cfg.model)
     if cfg.k > served.num_items:
         raise ConfigError(f"--k {cfg.k} is larger than the catalog ({served.num_items} items)")
     if cfg.histories is not None:
         requests = new_histories(cfg.histories, served.item_keys, served.max_history)
     else:
+        assert ws is not None  # RecommendConfig refuses --model without --histories
         requests = workspace_users(ws, cfg.users, cfg.as_of, served.max_history)
     titles = served.titles if cfg.with_titles else None
     if cfg.with_titles and titles is None:
@@ -110,8 +115,8 @@ def _decode(model: Recommender, history: Tensor, seen: pa.ListArray, codes: Tens
     known = (history >= 0).any(dim=1).numpy()  # (B,) False: no known item, the popularity fallback
     items = torch.full((len(history), int(width.max())), -1, dtype=torch.long)  # (B, W)
     scores = torch.full(items.shape, float("nan"))  # (B, W) NaN: not scored by the model
-    rows = np.flatnonzero(~known)
-    items[rows, :] = popular[:items.shape[1]].expand(len(rows), -1)
+    unknown = np.flatnonzero(~known)
+    items[unknown, :] = popular[:items.shape[1]].expand(len(unknown), -1)
     for w in np.unique(width[known]):
         rows = torch.from_numpy(np.flatnonzero(known & (width == w)))
         ranking = rank_histories(model, history[rows].to(codes.device), codes, model.config.vocab, index,

@@ -15,13 +15,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-from torch import nn
 
 from bloger_cli.artifacts import SPECS, save_torch, write_arrow
 from bloger_cli.config import TokenizeConfig
 from bloger_cli.progress import Steps
 from bloger_cli.runtime import resolve_device
 from bloger_cli.tokenizer.io import read_embeddings, warm_tokenizer_path
+from bloger_cli.tokenizer.kmeans import RQKMeans
+from bloger_cli.tokenizer.rqvae import RQVAE
 from bloger_cli.tokenizer.semantic_ids import semantic_ids
 from bloger_cli.tokenizer.trainer import fit_tokenizer
 from bloger_cli.workspace import StageContext, StageResult, Workspace, raw_fingerprint, run_stage
@@ -65,7 +66,7 @@ def _tokenize(ctx: StageContext, cfg: TokenizeConfig, path: Path, warm: Path | N
     }
 
 
-def _write_outputs(ctx: StageContext, cfg: TokenizeConfig, model: nn.Module, item_ids: torch.Tensor,
+def _write_outputs(ctx: StageContext, cfg: TokenizeConfig, model: RQVAE | RQKMeans, item_ids: torch.Tensor,
                    codes: torch.Tensor, stats: list[dict[str, Any]]) -> None:
     order = torch.argsort(item_ids)
     flat = pa.array(codes[order].flatten().numpy().astype(np.int16))

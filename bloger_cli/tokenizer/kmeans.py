@@ -1,6 +1,6 @@
 """Seeded, batched k-means in torch, residual k-means, and the encoder-free `RQKMeans` tokenizer.
 
-k-means initialises the RQ-VAE codebooks level by level (DESIGN section 1) and is, as residual k-means
+k-means initialises the RQ-VAE codebooks level by level (docs/design.md §1.1) and is, as residual k-means
 directly on the embeddings, the `rq-kmeans` method: a fast baseline and a fallback for huge catalogs.
 Everything is deterministic given a torch.Generator: k-means++ seeding draws from the CPU generator,
 centroid sums avoid GPU atomics (order-dependent), and empty clusters take the points farthest from

@@ -1,4 +1,4 @@
-"""The RQ-VAE item tokenizer of DESIGN.md section 1, built bottom-up: distances -> MLP -> residual
+"""The RQ-VAE item tokenizer of docs/design.md §1.1, built bottom-up: distances -> MLP -> residual
 quantizer -> RQ-VAE. `RQVAEConfig` is the whole contract; the checkpoint stores it beside the weights.
 
     x (B, D) --encoder--> z (B, d) --L levels of K codes--> codes (B, L), quantised sum q (B, d)
@@ -7,9 +7,9 @@ quantizer -> RQ-VAE. `RQVAEConfig` is the whole contract; the checkpoint stores 
 At level l the residual r_l (r_1 = z) gets p_l = softmax(-||r_l - e_k||^2) over the K codes, the hard
 code c_l = argmax p_l, and r_{l+1} = r_l - e_{c_l}. The residual keeps its gradient (no straight-through
 between levels), so p_l is differentiable w.r.t. the encoder and the codebooks of levels < l as well as
-level l: the bi-level method (DESIGN section 1, "mixed representation") backpropagates through it.
+level l: the bi-level method (docs/design.md §1.5, the mixed representation) backpropagates through it.
 Loss: ||x - x_hat||^2 + sum_l (||sg[r_l] - e_{c_l}||^2 + mu ||r_l - sg[e_{c_l}]||^2), each squared norm
-summed over coordinates and averaged over the batch (DESIGN's norms). Not F.mse_loss's mean over
+summed over coordinates and averaged over the batch (docs/design.md §1.1). Not F.mse_loss's mean over
 coordinates: on unit-norm 384-d text embeddings that divides the reconstruction term by 384 but the
 quantisation terms only by 32, and on Beauty (12,101 MiniLM embeddings, defaults) the quantisation terms
 then win: without dead-code re-seeding every item ended on one code, with it levels 3-4 kept only 26% and

@@ -1,4 +1,4 @@
-"""Semantic IDs for a whole catalog: chunked assignment, collision handling (DESIGN section 4), statistics.
+"""Semantic IDs for a whole catalog: chunked assignment, collision handling (docs/design.md §1.6), statistics.
 
 Everything here is vectorised over items: assignment loops over chunks of items (4,096 on the CPU,
 65,536 on GPUs; one (chunk, K) distance matrix in memory at a time, never an (N, K, L) tensor), and

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from bloger_cli.config import TokenizeConfig
 from bloger_cli.errors import ConfigError
@@ -161,7 +161,7 @@ def new_tokenizer(cfg: TokenizeConfig, input_dim: int) -> RQVAE | RQKMeans:
                                      cfg.dropout, cfg.commitment))
 
 
-def check_warm(model: nn.Module, cfg: TokenizeConfig, input_dim: int, path: Path) -> None:
+def check_warm(model: RQVAE | RQKMeans, cfg: TokenizeConfig, input_dim: int, path: Path) -> None:
     """A warm-start tokenizer must have the layout the config asks for: the same method, levels, codes
     per level and (RQ-VAE) widths, so that its IDs stay compatible."""
     want = new_tokenizer(cfg, input_dim).config.to_dict()
@@ -177,7 +177,7 @@ def check_warm(model: nn.Module, cfg: TokenizeConfig, input_dim: int, path: Path
 
 
 def fit_tokenizer(cfg: TokenizeConfig, x: torch.Tensor, device: torch.device,
-                  warm: Path | None = None) -> tuple[nn.Module, int]:
+                  warm: Path | None = None) -> tuple[RQVAE | RQKMeans, int]:
     """A trained RQ-VAE or fitted residual k-means on `device` (from `warm`'s weights when given: an
     RQ-VAE then trains on without k-means init, residual k-means is kept as is); returns (model, epochs run)."""
     generator = seed_everything(cfg.seed)  # seeds the weight init too, so it comes first

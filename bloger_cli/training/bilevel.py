@@ -1,4 +1,4 @@
-"""The tokenizer's side of modes joint and bilevel (DESIGN.md section 1): soft assignments of a batch,
+"""The tokenizer's side of modes joint and bilevel (docs/design.md §1.3-§1.5): soft assignments of a batch,
 the meta-gradient by one-step look-ahead, gradient surgery, and the joint loss. Pure functions, no I/O.
 
     bilevel, every tokenizer update (phi: tokenizer, theta: recommender):
@@ -21,15 +21,16 @@ run, and the official code's outlives the step (13.2 GiB, then 22.9 GiB for two 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import functional_call
 
 from bloger_cli.recommender.batch import Batch
 from bloger_cli.recommender.model import Recommender, second_order
+from bloger_cli.tokenizer.rqvae import RQVAE
 
 SURGERY = ("pcgrad", "none", "official")
 Reduce = Callable[[list[Tensor]], None]  # sums tensors over data-parallel processes, in place
@@ -48,7 +49,7 @@ def batch_items(batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
     return items, history, torch.searchsorted(items, batch.target)
 
 
-def mixed_probs(tokenizer: nn.Module, embeddings: Tensor, batch: Batch, routing: str = "full") -> tuple[Tensor, Tensor]:
+def mixed_probs(tokenizer: RQVAE, embeddings: Tensor, batch: Batch, routing: str = "full") -> tuple[Tensor, Tensor]:
     """Soft assignments for the recommender's mixed representation, one tokenizer pass per distinct item.
 
     embeddings (N, D), row = item id -> input_probs (B, H, L, K), zero at padding slots (their tokens are
@@ -58,7 +59,7 @@ def mixed_probs(tokenizer: nn.Module, embeddings: Tensor, batch: Batch, routing:
     return _mixed_probs(tokenizer, embeddings, batch, routing)[:2]
 
 
-def _mixed_probs(tokenizer: nn.Module, embeddings: Tensor, batch: Batch,
+def _mixed_probs(tokenizer: RQVAE, embeddings: Tensor, batch: Batch,
                  routing: str = "full") -> tuple[Tensor, Tensor, Tensor]:
     """mixed_probs and the batch's distinct items (U,)."""
     items, history, target = batch_items(batch)
@@ -111,11 +112,13 @@ class MetaResult(NamedTuple):
         return sum(c < 0 for c in self.cosine.values()) / max(1, len(self.cosine))
 
 
-def _lookahead_gradient(model: Recommender, tokenizer: nn.Module, embeddings: Tensor, batch: Batch,
-                        meta_batch: Batch, eta: float, routing: str = "full") -> tuple[list[Tensor | None], float, float]:
+def _lookahead_gradient(
+    model: Recommender, tokenizer: RQVAE, embeddings: Tensor, batch: Batch, meta_batch: Batch, eta: float,
+    routing: str = "full",
+) -> tuple[list[Tensor | None], float, float]:
     """grad_phi L_rec(theta - eta * grad_theta L_rec(theta, phi), phi) per tokenizer tensor (None where
     unused), and the inner and outer losses. Every graph built here is freed on return."""
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    params: dict[str, Tensor] = {name: p for name, p in model.named_parameters() if p.requires_grad}
     with second_order():  # the first-order grads are differentiated again: SDPA's math backend only
         probs = mixed_probs(tokenizer, embeddings, batch, routing)
         inner = rec_loss(model, params, batch, probs)
@@ -145,7 +148,7 @@ def _set_rng_state(state: tuple[Tensor, Tensor | None]) -> None:
         torch.cuda.set_rng_state(state[1])
 
 
-def _lookahead_gradient_chunked(model: Recommender, tokenizer: nn.Module, embeddings: Tensor, batch: Batch,
+def _lookahead_gradient_chunked(model: Recommender, tokenizer: RQVAE, embeddings: Tensor, batch: Batch,
                                 meta_batch: Batch, eta: float, chunk: int, share: float = 1.0,
                                 reduce: Reduce | None = None,
                                 routing: str = "full") -> tuple[list[Tensor | None], float, float]:
@@ -159,7 +162,7 @@ def _lookahead_gradient_chunked(model: Recommender, tokenizer: nn.Module, embedd
     Data-parallel: this process holds `share` of the global batch; `reduce` sums over the processes
     the inner gradient (so theta' is the global look-ahead), v, and the tokenizer gradient.
     """
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    params: dict[str, Tensor] = {name: p for name, p in model.named_parameters() if p.requires_grad}
     values, tok = list(params.values()), list(tokenizer.parameters())
     inner_grad = [torch.zeros_like(v) for v in values]
     losses = torch.zeros(2, dtype=values[0].dtype, device=values[0].device)  # inner, outer
@@ -177,7 +180,7 @@ def _lookahead_gradient_chunked(model: Recommender, tokenizer: nn.Module, embedd
     g_rec: list[Tensor | None] = [None] * len(tok)
     for part, w in _chunks(meta_batch, chunk, share):  # (2)
         loss = rec_loss(model, lookahead, part, mixed_probs(tokenizer, embeddings, part, routing))
-        grads = torch.autograd.grad(loss, list(lookahead.values()) + tok, allow_unused=True)
+        grads = torch.autograd.grad(loss, [*lookahead.values(), *tok], allow_unused=True)
         for acc, g in zip(v, grads[:len(v)]):
             acc.add_(g, alpha=w)
         g_rec = [_add(acc, g, w) for acc, g in zip(g_rec, grads[len(v):])]
@@ -190,13 +193,14 @@ def _lookahead_gradient_chunked(model: Recommender, tokenizer: nn.Module, embedd
             _set_rng_state(state)
             loss = rec_loss(model, params, part, mixed_probs(tokenizer, embeddings, part, routing))
             grads = torch.autograd.grad(loss, values, create_graph=True)
-            dot = sum(torch.sum(g * u) for g, u in zip(grads, v))
+            dot = sum((torch.sum(g * u) for g, u in zip(grads, v)), start=v[0].new_zeros(()))
             hvp = torch.autograd.grad(dot, tok, allow_unused=True)
             g_rec = [_add(acc, g, -eta * w) for acc, g in zip(g_rec, hvp)]
     _set_rng_state(end)  # as if (3) drew nothing
     if reduce is not None:  # every process reaches the same tokenizer tensors
-        g_rec = [torch.zeros_like(p) if g is None else g for g, p in zip(g_rec, tok)]
-        reduce([*g_rec, losses])
+        full = [torch.zeros_like(p) if g is None else g for g, p in zip(g_rec, tok)]
+        reduce([*full, losses])
+        g_rec = [*full]
     return g_rec, float(losses[0]), float(losses[1])
 
 
@@ -206,18 +210,18 @@ def _add(acc: Tensor | None, g: Tensor | None, weight: float) -> Tensor | None:
     return weight * g if acc is None else acc.add_(g, alpha=weight)
 
 
-def meta_gradients(model: Recommender, tokenizer: nn.Module, embeddings: Tensor, batch: Batch, *, eta: float,
+def meta_gradients(model: Recommender, tokenizer: RQVAE, embeddings: Tensor, batch: Batch, *, eta: float,
                    lam: float, surgery_method: str, meta_batch: Batch | None = None, chunk: int | None = None,
                    share: float = 1.0, reduce: Reduce | None = None, tok_items: Tensor | None = None,
                    routing: str = "full", tok_norm: str = "sum") -> MetaResult:
-    """The bi-level tokenizer gradient of DESIGN.md section 1 for one batch (see the module docstring).
+    """The bi-level tokenizer gradient of docs/design.md §1.3 for one batch (see the module docstring).
 
     The look-ahead step is taken on `batch`, the outer loss on `meta_batch` (default: `batch`), L_tok on
     `batch`'s distinct items (`tok_norm`: summed or averaged squared errors, `RQVAE.loss`); `routing`: how
-    the soft assignments of levels >= 2 reach the tokenizer (`ResidualQuantizer.soft_probs`). `chunk`: at most this many samples in the second-order graph at a time
-    (same result up to float rounding; None: the whole batch at once). Returns detached gradients only:
-    set them as .grad and step. Neither model's .grad is touched. Tokenizer tensors L_rec does not reach
-    (the decoder MLP) get lam * g_tok.
+    the soft assignments of levels >= 2 reach the tokenizer (`ResidualQuantizer.soft_probs`). `chunk`: at
+    most this many samples in the second-order graph at a time (same result up to float rounding; None: the
+    whole batch at once). Returns detached gradients only: set them as .grad and step. Neither model's .grad
+    is touched. Tokenizer tensors L_rec does not reach (the decoder MLP) get lam * g_tok.
 
     Data-parallel (training/distributed.py): `batch` and `meta_batch` are this process's slices, `share`
     its share of the global batch, `reduce` sums tensors over the processes in place, and `tok_items`
@@ -245,7 +249,7 @@ def meta_gradients(model: Recommender, tokenizer: nn.Module, embeddings: Tensor,
     return MetaResult(out, cosine, fired, inner, outer, float(tok_loss.detach()))
 
 
-def joint_loss(model: nn.Module, tokenizer: nn.Module, embeddings: Tensor, batch: Batch, lam: float,
+def joint_loss(model: Callable[..., Any], tokenizer: RQVAE, embeddings: Tensor, batch: Batch, lam: float,
                tok_items: Tensor | None = None, routing: str = "full",
                tok_norm: str = "sum") -> tuple[Tensor, Tensor, Tensor]:
     """(L_rec + lam * L_tok, L_rec, L_tok) of mode joint: both models in one graph, no look-ahead; the

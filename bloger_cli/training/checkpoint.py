@@ -39,7 +39,9 @@ def rng_state() -> dict[str, Any]:
 
 
 def _numpy_state() -> dict[str, Any]:
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = np.random.get_state()  # legacy=True (the default): the tuple form
+    assert isinstance(state, tuple)
+    name, keys, pos, has_gauss, gauss = state
     return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
             "gauss": float(gauss)}
 

@@ -86,7 +86,7 @@ def parse_duration(value: Any) -> float:
 
 
 class BilevelConfig(StrictModel):
-    """`[train-bilevel.bilevel]`: the tokenizer's updates in modes joint and bilevel (DESIGN.md section 1)."""
+    """`[train-bilevel.bilevel]`: the tokenizer's updates in modes joint and bilevel (docs/design.md §1.3, §4.1)."""
 
     lam: float = Field(0.5, ge=0, description="tokenizer gradient = lam * g_tok + g_rec (paper: 0.5)")
     surgery: Literal["pcgrad", "none", "official"] = Field(

@@ -1,4 +1,4 @@
-"""Data-parallel training under `torchrun` (DESIGN.md section 5): DDP for the recommender, the
+"""Data-parallel training under `torchrun` (docs/design.md §4.6): DDP for the recommender, the
 tokenizer's gradients all-reduced by hand.
 
 Every rank sees the same global batch order (the seeded permutation) and takes its slice of each
@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,6 @@ class Distributed:
         """The DDP wrapper the ordinary step runs the model through (None in one process)."""
         if not self.enabled:
             return None
-        from torch.nn.parallel import DistributedDataParallel
-
         device = next(model.parameters()).device
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 

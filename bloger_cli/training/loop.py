@@ -1,4 +1,4 @@
-"""The one training loop (DESIGN.md section 1), parameterised by mode (the step functions of
+"""The one training loop (docs/design.md §4), parameterised by mode (the step functions of
 `training/steps.py`) and driven by the run's `Plan` (`training/schedule.py`).
 
 Every mode runs the same epochs: the training samples in length-grouped shuffled batches (a function
@@ -35,7 +35,7 @@ from bloger_cli.training.steps import StepFn
 
 log = logging.getLogger(__name__)
 
-VAL_K = 10  # validation metrics are @10 (DESIGN section 3)
+VAL_K = 10  # validation metrics are @10 (docs/design.md §4.4)
 
 StopFn = Callable[[], bool]  # True once the user asked the run to stop (SIGINT)
 SaveFn = Callable[[TrainState, bool], None]  # save(state, improved)

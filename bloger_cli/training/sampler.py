@@ -6,7 +6,7 @@ sample is still mostly padding. Length grouping (as fairseq's and Hugging Face's
 do): shuffle all samples, cut the order into megabatches of `group` batches, sort each megabatch by
 history length, cut it into batches, and shuffle the batches. Batches stay random in which samples
 and lengths they hold from one step to the next, while the samples inside one batch have similar
-lengths, so `Samples.trim` to the batch's longest removes nearly all padding (DESIGN.md section 7).
+lengths, so `Samples.trim` to the batch's longest removes nearly all padding (docs/design.md §4.3).
 
 Everything is a function of (seed, epoch), so a run resumed mid-epoch replays the same batches.
 """

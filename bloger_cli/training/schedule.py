@@ -1,4 +1,4 @@
-"""When things happen in a run (DESIGN.md section 7): how long it lasts, the learning rate along the way,
+"""When things happen in a run (docs/design.md §4.2): how long it lasts, the learning rate along the way,
 and which steps validate or update the tokenizer.
 
 A run ends at the first of: `epochs` epochs, `train.max_steps` steps, `train.time_budget` seconds of

@@ -4,16 +4,18 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from bloger_cli.config import TrainBilevelConfig
 from bloger_cli.data.samples import Samples
 from bloger_cli.recommender.model import Recommender
 from bloger_cli.recommender.vocab import Vocab
+from bloger_cli.tokenizer.rqvae import RQVAE
 from bloger_cli.training.checkpoint import rng_state, set_rng_state
 from bloger_cli.training.distributed import Distributed
 from bloger_cli.training.schedule import Clock, Plan, lr_factor
@@ -65,14 +67,15 @@ class TrainState:
     last_update: int = -1  # the global step after which the tokenizer last changed the codes (-1: never)
     tokenizer_updates: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)  # epoch, eval and tokenizer-update rows
-    tokenizer: nn.Module | None = None  # trained in modes joint and bilevel
+    tokenizer: RQVAE | None = None  # trained in modes joint and bilevel
     tokenizer_optimizer: torch.optim.Optimizer | None = None
     codes_before: Tensor | None = None  # bilevel: the IDs before the last tokenizer update (CPU, int32)
     dist: Distributed = field(default_factory=Distributed)  # under torchrun: this process's rank
-    net: nn.Module | None = None  # the DDP wrapper of `model` the ordinary step runs (None: one process)
+    # what the ordinary step calls instead of `model`: its DDP wrapper or torch.compile'd forward (None: model)
+    net: Callable[..., Any] | None = None
 
     @property
-    def forward(self) -> nn.Module:
+    def forward(self) -> Callable[..., Any]:
         return self.model if self.net is None else self.net
 
     _SCALARS = ("epoch", "step", "best", "best_epoch", "best_step", "bad_evals", "epoch_step", "epoch_loss",
@@ -106,7 +109,7 @@ class TrainState:
 
 
 def new_state(model: Recommender, cfg: TrainBilevelConfig, steps_per_epoch: int,
-              tokenizer: nn.Module | None = None) -> TrainState:
+              tokenizer: RQVAE | None = None) -> TrainState:
     """Fresh optimisers (AdamW, no weight decay on norms) and the schedule over the run's plan. The
     tokenizer's optimiser lives as long as the run: its moments carry over from one meta step to the next."""
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]

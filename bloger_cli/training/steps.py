@@ -1,4 +1,4 @@
-"""One training step per mode (DESIGN.md section 1), and the re-coding of items after a tokenizer update.
+"""One training step per mode (docs/design.md §4.1), and the re-coding of items after a tokenizer update.
 
 `fixed` (TIGER) updates the recommender only and the tokenizer stays frozen; `joint` updates both every
 step on L_rec + lam * L_tok through the mixed representation; `bilevel` takes the fixed step every step
@@ -103,6 +103,7 @@ def joint_step(cfg: TrainBilevelConfig, data: TrainData, amp: torch.dtype | None
 
     def step(state: TrainState, batch: Batch, part: Part = Part()) -> Tensor:
         assert state.tokenizer is not None and state.tokenizer_optimizer is not None
+        assert data.embeddings is not None  # loaded with the tokenizer in modes joint and bilevel
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss, rec, _ = joint_loss(state.forward, state.tokenizer, data.embeddings, batch, cfg.bilevel.lam,
                                       part.items, cfg.bilevel.routing, cfg.bilevel.tok_loss)
@@ -135,12 +136,20 @@ def random_batch(data: TrainData, cfg: TrainBilevelConfig, state: TrainState, sa
     return make_batch(data.train.select(local).trim(width), data.codes, data.vocab)
 
 
+def _sum(tensors: list[Tensor]) -> Tensor:
+    """Left to right, as the builtin sum (0 + a is a), typed as a Tensor."""
+    total = tensors[0]
+    for t in tensors[1:]:
+        total = total + t
+    return total
+
+
 def _mean(results: list[MetaResult]) -> MetaResult:
     """The meta-gradients of several batches averaged (the telemetry too)."""
     if len(results) == 1:
         return results[0]
     n = len(results)
-    grads = {name: sum(r.grads[name] for r in results) / n for name in results[0].grads}
+    grads = {name: _sum([r.grads[name] for r in results]) / n for name in results[0].grads}
     cosine = {name: sum(r.cosine[name] for r in results) / n for name in results[0].cosine}
     fired = {name: any(r.fired[name] for r in results) for name in results[0].fired}
     return MetaResult(grads, cosine, fired, *(sum(getattr(r, key) for r in results) / n
@@ -160,6 +169,7 @@ def bilevel_step(cfg: TrainBilevelConfig, data: TrainData, amp: torch.dtype | No
         if not due(state):
             return loss
         assert state.tokenizer is not None and state.tokenizer_optimizer is not None
+        assert data.embeddings is not None  # loaded with the tokenizer in modes joint and bilevel
         started = time.perf_counter()
         reduce = state.dist.sum_ if state.dist.enabled else None
         results = []

@@ -151,9 +151,10 @@ def test_extra_columns(tmp_path):
 
 
 def test_read_info_missing_file(tmp_path):
+    path = tmp_path / "interactions.parquet"
     with pytest.raises(ArtifactError) as exc:
-        read_info(tmp_path / "interactions.parquet", INTERACTIONS)
-    assert str(exc.value) == f"no interactions artifact at {tmp_path / 'interactions.parquet'}; run `bloger prepare` first"
+        read_info(path, INTERACTIONS)
+    assert str(exc.value) == f"no interactions artifact at {path}; run `bloger prepare` first"
     assert isinstance(exc.value, DataError) and exc.value.exit_code == 1
 
 

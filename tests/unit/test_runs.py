@@ -45,7 +45,8 @@ def test_a_failed_run_shows_its_error(trained_workspace: Path, cli, monkeypatch)
         raise DataError("the disk is full")
 
     monkeypatch.setattr(stage, "fit", fail)
-    assert cli("train-bilevel", "-w", trained_workspace, "--mode", "fixed", "--force", "--set", "device=cpu").exit_code != 0
+    result = cli("train-bilevel", "-w", trained_workspace, "--mode", "fixed", "--force", "--set", "device=cpu")
+    assert result.exit_code != 0
     table = cli("runs", "-w", trained_workspace, "--status", "failed")
     assert table.exit_code == 0 and "train-bilevel" in table.stderr and "failed" in table.stderr
     [row] = list_runs([trained_workspace], status="failed")

@@ -361,7 +361,7 @@ def test_official_surgery_normalises_each_row_of_g_tok():
 
 
 def test_official_surgery_on_a_codebook_replaces_the_recommendation_gradient():
-    # DESIGN.md: a 256 x 32 codebook gradient at cosine -0.7 comes back near cosine +0.99, ~178x the norm
+    # docs/design.md §1.4: a 256 x 32 codebook gradient at cosine -0.7 comes back near cosine +0.99, ~178x the norm
     g = torch.Generator().manual_seed(0)
     g_tok = torch.randn(256, 32, generator=g)
     other = torch.randn(256, 32, generator=g)

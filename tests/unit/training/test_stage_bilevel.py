@@ -117,9 +117,10 @@ def test_tokenizer_trained_on_other_embeddings_is_refused(rqvae_workspace: Path,
     make_embeddings(rqvae_workspace, np.random.default_rng(1).normal(size=(64, 8)))  # 8-d, tokenizer 16-d
     with pytest.raises(ArtifactError, match=r"semantic_ids.parquet was made from another embeddings artifact"):
         train.run(bilevel_config(train_config), Workspace(rqvae_workspace))
+    ws = Workspace(rqvae_workspace)  # past the lineage check: the tokenizer's own dimension check
+    infos = {k: ws.info(k) for k in ("tokenizer", "embeddings")}
     with pytest.raises(ArtifactError, match=r"trained on 16-d embeddings, but the embeddings are 8-d"):
-        ws = Workspace(rqvae_workspace)  # past the lineage check: the tokenizer's own dimension check
-        setup.load_tokenizer_side(bilevel_config(train_config), {k: ws.info(k) for k in ("tokenizer", "embeddings")}, 64)
+        setup.load_tokenizer_side(bilevel_config(train_config), infos, 64)
 
 
 @pytest.mark.parametrize("args, message", [
