@@ -241,7 +241,7 @@ def _train(ctx: StageContext | None, cfg: TrainBilevelConfig, infos: dict[str, A
     }
     return {
         "mode": cfg.mode, "epochs_run": state.epoch, "best_epoch": state.best_epoch, "best_step": state.best_step,
-        "steps": state.step, "elapsed": round(state.clock.elapsed(), 3),
+        "steps": state.step, "skipped_steps": state.bad.skipped, "elapsed": round(state.clock.elapsed(), 3),
         "metric": cfg.train.metric, "best_value": state.best, "val_recall@10": best_row.get("val_recall_10"),
         "val_ndcg@10": best_row.get("val_ndcg_10"), "train_samples": len(data.train),
         "val_users": len(data.valid), "parameters": n_params, "device": str(device),
