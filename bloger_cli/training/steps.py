@@ -14,6 +14,7 @@ import copy
 import logging
 import math
 import time
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -58,6 +59,14 @@ def checked(state: TrainState, ok: Tensor, what: str, hint: str) -> bool:
     return False
 
 
+def _skip_schedule(state: TrainState) -> None:
+    """Advance the schedule past a skipped step, so the rate stays a function of the step count (torch
+    warns when a schedule steps before its optimiser ever did: expected here)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+        state.scheduler.step()
+
+
 def _recommender_norm(state: TrainState, cfg: TrainBilevelConfig) -> Tensor:
     """The recommender's gradient norm, clipped to clip_norm when set (NaN or inf when any gradient is)."""
     if cfg.train.clip_norm is not None:
@@ -76,7 +85,7 @@ def fixed_step(cfg: TrainBilevelConfig, amp: torch.dtype | None, device: torch.d
         state.optimizer.zero_grad(set_to_none=True)
         (loss * (part.share * state.dist.world)).backward()  # DDP averages: sum_r share_r * grad_r
         if not checked(state, finite(loss, _recommender_norm(state, cfg)), "recommender step", hint):
-            state.scheduler.step()  # the schedule stays a function of the step count
+            _skip_schedule(state)
             return torch.zeros((), device=loss.device)
         state.optimizer.step()
         state.scheduler.step()
@@ -142,7 +151,7 @@ def joint_step(cfg: TrainBilevelConfig, data: TrainData, amp: torch.dtype | None
             torch._foreach_div_(grads, state.dist.world)
         ok = finite(loss, _recommender_norm(state, cfg), grad_norm(state.tokenizer.parameters()))
         if not checked(state, ok, "joint step", hint):
-            state.scheduler.step()
+            _skip_schedule(state)
             return torch.zeros((), device=loss.device)
         state.optimizer.step()
         state.tokenizer_optimizer.step()
