@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bloger_cli import __version__
-from bloger_cli.errors import ArtifactError
+from bloger_cli.errors import ArtifactError, DamagedFile
 
 SCHEMA_VERSION_KEY = "bloger.schema_version"
 ANY_SIZE = 0  # a fixed_size_list of this size in a spec accepts any width (embedding dimension, ID length)
@@ -170,13 +170,13 @@ def check_schema(path: Path, schema: pa.Schema, spec: ArtifactSpec) -> None:
     actual = {f.name: f.type for f in schema}
     for expected in spec.schema:
         if expected.name not in actual:
-            raise ArtifactError(
+            raise DamagedFile(
                 f"{path}: missing column {expected.name!r} (expected {expected.type}); "
                 f"columns are {', '.join(actual) or 'none'}",
                 hint=fix,
             )
         if not _same_type(actual[expected.name], expected.type):
-            raise ArtifactError(
+            raise DamagedFile(
                 f"{path}: column {expected.name!r} has type {actual[expected.name]}, expected {expected.type}",
                 hint=fix,
             )
@@ -185,7 +185,7 @@ def check_schema(path: Path, schema: pa.Schema, spec: ArtifactSpec) -> None:
             continue
         if spec.extra_type is None or not _same_type(dtype, spec.extra_type):
             allowed = f"extra columns must be {spec.extra_type}" if spec.extra_type else "no extra columns allowed"
-            raise ArtifactError(f"{path}: unexpected column {name!r} of type {dtype} ({allowed})", hint=fix)
+            raise DamagedFile(f"{path}: unexpected column {name!r} of type {dtype} ({allowed})", hint=fix)
 
 
 def file_hash(path: Path) -> str:
@@ -219,7 +219,7 @@ def read_info(path: Path, spec: ArtifactSpec, *, with_hash: bool = False) -> Art
     try:
         md = pq.read_metadata(path)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise ArtifactError(f"{path} is not a readable Parquet file ({exc})",
+        raise DamagedFile(f"{path} is not a readable Parquet file ({exc})",
                             hint=f"re-run `bloger {spec.producer} --force`") from None
     kv = {k.decode(): v.decode() for k, v in (md.metadata or {}).items()}
     _check_kv(path, spec, kv)
@@ -230,10 +230,10 @@ def read_info(path: Path, spec: ArtifactSpec, *, with_hash: bool = False) -> Art
 def _check_kv(path: Path, spec: ArtifactSpec, kv: dict[str, str]) -> None:
     fix = f"re-run `bloger {spec.producer} --force`"
     if kv.get("bloger.kind") != spec.kind:
-        raise ArtifactError(f"{path} is not a bloger {spec.kind} artifact (kind {kv.get('bloger.kind')!r})",
+        raise DamagedFile(f"{path} is not a bloger {spec.kind} artifact (kind {kv.get('bloger.kind')!r})",
                             hint=fix)
     if kv.get(SCHEMA_VERSION_KEY) != str(spec.version):
-        raise ArtifactError(
+        raise DamagedFile(
             f"{path} has schema version {kv.get(SCHEMA_VERSION_KEY)}, this bloger reads version {spec.version}",
             hint=fix,
         )
@@ -256,10 +256,10 @@ def load_torch(path: Path, spec: ArtifactSpec) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
-        raise ArtifactError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})",
+        raise DamagedFile(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})",
                             hint=f"re-run `bloger {spec.producer} --force`") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("metadata"), dict):
-        raise ArtifactError(f"{path} is not a bloger {spec.kind} checkpoint (no metadata)",
+        raise DamagedFile(f"{path} is not a bloger {spec.kind} checkpoint (no metadata)",
                             hint=f"re-run `bloger {spec.producer} --force`")
     _check_kv(path, spec, ckpt["metadata"])
     return ckpt

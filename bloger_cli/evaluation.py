@@ -18,7 +18,7 @@ from torch import Tensor
 
 from bloger_cli.artifacts import SPECS, ArtifactInfo, file_hash, write_arrow
 from bloger_cli.config import EvaluateConfig
-from bloger_cli.errors import ArtifactError
+from bloger_cli.errors import ArtifactError, DamagedFile
 from bloger_cli.metrics import MetricAccumulator, popularity_ranking, ranks, summarize
 from bloger_cli.progress import Bar
 from bloger_cli.recommender.decoding import PrefixIndex, Ranking, recommend
@@ -85,7 +85,7 @@ def check_trained_on(ckpt: dict[str, Any], path: Path, sequences: ArtifactInfo) 
     in another workspace, or after `prepare` re-ran."""
     trained_on = ckpt["inputs"].get("artifact:sequences")
     if trained_on != sequences.content_hash:
-        raise ArtifactError(
+        raise DamagedFile(
             f"checkpoint {path} was trained on other sequences (recorded {trained_on}, "
             f"{sequences.path} is {sequences.content_hash}): another workspace, or prepare was re-run",
             hint="use it in its own workspace, or re-run `bloger train-bilevel` here")

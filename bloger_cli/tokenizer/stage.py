@@ -20,7 +20,7 @@ from torch import nn
 
 from bloger_cli.artifacts import SPECS, load_torch, read_table, save_torch, write_arrow
 from bloger_cli.config import TokenizeConfig
-from bloger_cli.errors import ArtifactError, ConfigError, DataError
+from bloger_cli.errors import ArtifactError, ConfigError, DamagedFile, DataError
 from bloger_cli.progress import Steps
 from bloger_cli.tokenizer.kmeans import RQKMeans, RQKMeansConfig
 from bloger_cli.tokenizer.rqvae import RQVAE, RQVAEConfig
@@ -90,7 +90,7 @@ def read_embeddings(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     item_ids = torch.from_numpy(ids_col.to_numpy().astype(np.int64))  # (N,)
     bad = (~torch.isfinite(x).all(dim=1)).nonzero().squeeze(1)
     if len(bad):
-        raise DataError(f"{path}: the embedding of item {int(item_ids[bad[0]])} is not finite (NaN or inf); "
+        raise DamagedFile(f"{path}: the embedding of item {int(item_ids[bad[0]])} is not finite (NaN or inf); "
                         f"{len(bad)} item(s) affected", hint=fix)
     repeated = len(item_ids) - len(torch.unique(item_ids))
     if repeated:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from bloger_cli.artifacts import SPECS, load_torch, save_torch, temp_path_for
-from bloger_cli.errors import ArtifactError, ConfigError
+from bloger_cli.errors import ArtifactError, ConfigError, DamagedFile
 from bloger_cli.recommender.model import Recommender, RecommenderConfig
 
 IN_PROGRESS = "training"  # WORKSPACE/training/{last,best}.pt while a run is going
@@ -67,7 +67,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     needed = ("model_config", "model", "codes", "config_hash", "inputs", "epoch", "step")
     missing = [key for key in needed if key not in ckpt]
     if missing:
-        raise ArtifactError(f"{path} is not a bloger recommender checkpoint (missing {', '.join(missing)})",
+        raise DamagedFile(f"{path} is not a bloger recommender checkpoint (missing {', '.join(missing)})",
                             hint="re-run `bloger train-bilevel`")
     return ckpt
 
@@ -89,7 +89,7 @@ def build_model(ckpt: dict[str, Any], path: Path) -> Recommender:
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
-        raise ArtifactError(f"{path}: the weights do not fit the stored model config "
+        raise DamagedFile(f"{path}: the weights do not fit the stored model config "
                             f"({str(exc).splitlines()[0]})", hint="re-run `bloger train-bilevel --force`") from None
     return model.eval()
 
