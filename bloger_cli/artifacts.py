@@ -8,18 +8,21 @@ temporary file in the destination directory; the stage runner renames it into pl
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bloger_cli import __version__
-from bloger_cli.errors import ArtifactError, DamagedFile
+from bloger_cli.errors import ArtifactError, DamagedFile, WriteFailed
 
 SCHEMA_VERSION_KEY = "bloger.schema_version"
 ANY_SIZE = 0  # a fixed_size_list of this size in a spec accepts any width (embedding dimension, ID length)
@@ -274,21 +277,47 @@ def save_torch(ckpt: dict[str, Any], path: Path, metadata: dict[str, str]) -> No
     """Save a checkpoint dict with the artifact metadata (the caller picks a temporary path)."""
     import torch
 
-    torch.save({**ckpt, "metadata": metadata}, path)
+    with writing(path, RuntimeError):  # torch reports a failed write as a RuntimeError, without errno
+        torch.save({**ckpt, "metadata": metadata}, path)
 
 
 def write_arrow(table: pa.Table, path: Path, metadata: dict[str, str]) -> None:
     """Write an Arrow table with footer metadata (the caller picks a temporary path)."""
     existing = table.schema.metadata or {}
     table = table.replace_schema_metadata({**existing, **{k.encode(): v.encode() for k, v in metadata.items()}})
-    pq.write_table(table, path, compression="zstd")
+    with writing(path):
+        pq.write_table(table, path, compression="zstd")
 
 
 def copy_query(con: Any, query: str, path: Path, metadata: dict[str, str]) -> None:
     """Let DuckDB write a query's result straight to Parquet with footer metadata (no Python rows)."""
+    import duckdb
+
     kv = ", ".join(f"'{k}': '{_sql_str(v)}'" for k, v in metadata.items())
-    con.execute(f"COPY ({query}) TO '{_sql_str(str(path))}' "
-                f"(FORMAT parquet, COMPRESSION zstd, KV_METADATA {{{kv}}})")
+    with writing(path, duckdb.IOException):
+        con.execute(f"COPY ({query}) TO '{_sql_str(str(path))}' "
+                    f"(FORMAT parquet, COMPRESSION zstd, KV_METADATA {{{kv}}})")
+
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-\d+$")  # temp_path_for's names
+
+
+@contextmanager
+def writing(path: Path, *also: type[Exception]) -> Iterator[None]:
+    """A write of `path` that fails midway (disk full, a file size limit, a read-only place) removes the
+    partial file and raises WriteFailed naming the file it was for; `also`: a writer's own exception
+    types for a failed write."""
+    try:
+        yield
+    except (OSError, *also) as exc:
+        path.unlink(missing_ok=True)
+        match = _TEMP.match(path.name)
+        target = path.with_name(match["name"]) if match else path
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+        raise WriteFailed(f"cannot write {target}: {reason}" + (" (disk full?)" if full else ""),
+                          hint="free space or make the place writable, then run the command again; earlier "
+                               "artifacts are as they were") from None
 
 
 def _sql_str(text: str) -> str:

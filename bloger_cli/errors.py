@@ -49,6 +49,11 @@ class DamagedFile(ArtifactError):
     exit_code = 2
 
 
+class WriteFailed(BlogerError):
+    """A write failed midway (disk full, file size limit, read-only place); the partial file is gone and
+    earlier artifacts are as they were (exit 1)."""
+
+
 class Diverged(BlogerError):
     """Training met a non-finite loss or gradient `max_bad_steps` times in a row (exit 1)."""
 

@@ -57,7 +57,7 @@ def save_atomic(ckpt: dict[str, Any], path: Path, metadata: dict[str, str]) -> N
     """Write to a temporary file beside `path`, then rename: a kill never leaves half a checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(path)
-    save_torch(ckpt, tmp, metadata)
+    save_torch(ckpt, tmp, metadata)  # removes its partial file when the write fails
     os.replace(tmp, path)
 
 
