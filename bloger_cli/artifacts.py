@@ -259,7 +259,8 @@ def load_torch(path: Path, spec: ArtifactSpec) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
-        raise DamagedFile(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})",
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""  # torch's run over many lines
+        raise DamagedFile(f"{path} is not a readable checkpoint ({type(exc).__name__}: {reason})",
                             hint=f"re-run `bloger {spec.producer} --force`") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("metadata"), dict):
         raise DamagedFile(f"{path} is not a bloger {spec.kind} checkpoint (no metadata)",

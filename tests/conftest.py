@@ -315,7 +315,8 @@ def tree_digest(root: Path) -> dict[str, str]:
 @pytest.fixture
 def fails_cleanly(cli) -> Callable[..., str]:
     """`fails_cleanly(workspace, code, "train-bilevel", "-w", ws, ...)` runs the command and checks that
-    it exits with `code`, prints no traceback and one `error:` line (and at most a hint after it), and
+    it exits with `code`, prints no traceback and one `error:` line (then at most a hint, or a config's
+    bullets), and
     leaves every file under `workspace` (but those named in `ignore`) byte for byte as it was; returns the error line and hint joined
     by a newline."""
 
@@ -331,7 +332,9 @@ def fails_cleanly(cli) -> Callable[..., str]:
         errors = [i for i, line in enumerate(lines) if line.startswith("error:")]
         assert len(errors) == 1, out.stderr
         message = lines[errors[0]:]
-        assert len(message) <= 2 and all(line.startswith("  hint: ") for line in message[1:]), out.stderr
+        # the error line, then a hint, or one bullet per invalid field of a config
+        assert all(line.startswith(("  • ", "  hint: ")) for line in message[1:]), out.stderr
+        assert sum(line.startswith("  hint: ") for line in message) <= 1, out.stderr
         assert digest() == before, "the workspace changed"
         return "\n".join(message)
 

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from bloger_cli import __version__
 from bloger_cli.artifacts import SPECS, read_table
-from bloger_cli.errors import ArtifactError
+from bloger_cli.errors import ArtifactError, DamagedFile
 from bloger_cli.recommender.model import Recommender, RecommenderConfig
 from bloger_cli.training.data import max_history, read_codes
 from bloger_cli.workspace import Workspace
