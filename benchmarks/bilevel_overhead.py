@@ -28,18 +28,19 @@ import time
 from common import rss_mib
 
 
-
 def child(kind: str, args: argparse.Namespace) -> dict:
     import torch
 
     from bloger_cli.config import TrainBilevelConfig
-    from bloger_cli.recommender.model import Recommender, RecommenderConfig
+    from bloger_cli.data.samples import Samples
+    from bloger_cli.recommender.batch import make_batch
+    from bloger_cli.recommender.config import RecommenderConfig
+    from bloger_cli.recommender.model import Recommender
     from bloger_cli.recommender.vocab import Vocab
     from bloger_cli.tokenizer.rqvae import RQVAE, RQVAEConfig
+    from bloger_cli.tokenizer.semantic_ids import semantic_ids
     from bloger_cli.tokenizer.trainer import init_codebooks
     from bloger_cli.training.bilevel import meta_gradients
-    from bloger_cli.training.data import Samples, make_batch
-    from bloger_cli.tokenizer.semantic_ids import semantic_ids
     from bloger_cli.training.state import TrainData, new_state
     from bloger_cli.training.steps import commit_codes, fixed_step, recode
 

@@ -60,9 +60,9 @@ def interval(values: list[float]) -> tuple[float, float]:
 def upstream(name: str, work: Path, config: Path | None = None) -> Path:
     """prepare, embed and tokenize of a dataset (each a no-op when up to date)."""
     from bloger_cli.config import resolve_config
-    from bloger_cli.data.prepare import run as prepare
-    from bloger_cli.embed.stage import run as embed
-    from bloger_cli.tokenizer.stage import run as tokenize
+    from bloger_cli.stages.embed import run as embed
+    from bloger_cli.stages.prepare import run as prepare
+    from bloger_cli.stages.tokenize import run as tokenize
     from bloger_cli.workspace import Workspace
 
     config, root = config or CONFIGS / f"{name}.toml", work / name
@@ -82,8 +82,8 @@ def one_run(name: str, source: Path, variant: str, seed: int, split: str, thread
     import torch
 
     from bloger_cli.config import EvaluateConfig, resolve_config
-    from bloger_cli.evaluation import run as evaluate
-    from bloger_cli.training import stage as train
+    from bloger_cli.stages import train
+    from bloger_cli.stages.evaluate import run as evaluate
     from bloger_cli.workspace import Workspace
 
     torch.set_num_threads(threads)

@@ -31,8 +31,8 @@ def train_side(name: str, source: Path, config: Path, side: str, threads: int, b
     import torch
 
     from bloger_cli.config import EvaluateConfig, resolve_config
-    from bloger_cli.evaluation import run as evaluate
-    from bloger_cli.training import stage as train
+    from bloger_cli.stages import train
+    from bloger_cli.stages.evaluate import run as evaluate
     from bloger_cli.workspace import Workspace
 
     torch.set_num_threads(threads)

@@ -26,9 +26,10 @@ from pathlib import Path
 
 import torch
 
+from bloger_cli.recommender.config import RecommenderConfig
 from bloger_cli.recommender.decoding import PrefixIndex, recommend
 from bloger_cli.recommender.hf_port import to_hf_t5
-from bloger_cli.recommender.model import Recommender, RecommenderConfig
+from bloger_cli.recommender.model import Recommender
 from bloger_cli.recommender.vocab import EOS, PAD
 
 
@@ -47,12 +48,13 @@ def random_setup(args: argparse.Namespace) -> tuple[Recommender, torch.Tensor, t
 
 def workspace_setup(args: argparse.Namespace):
     """best.pt of a workspace, its codes, and its first `--users` test users."""
-    from bloger_cli.training.checkpoint import build_model, load_checkpoint
-    from bloger_cli.training.data import load_split, make_batch
+    from bloger_cli.data.samples import load_split
+    from bloger_cli.recommender.batch import make_batch
+    from bloger_cli.training.checkpoint import build_recommender, load_checkpoint
 
     path = Path(args.workspace) / "best.pt"
     ckpt = load_checkpoint(path)
-    model = build_model(ckpt, path)
+    model = build_recommender(ckpt, path)
     codes = ckpt["codes"].long()
     samples = load_split(Path(args.workspace) / "sequences.parquet", "test")
     samples = samples.select(torch.arange(min(args.users, len(samples))))

@@ -44,9 +44,9 @@ def main() -> None:
     import torch
 
     from bloger_cli.config import EvaluateConfig, resolve_config
-    from bloger_cli.evaluation import run as evaluate
+    from bloger_cli.stages import train
+    from bloger_cli.stages.evaluate import run as evaluate
     from bloger_cli.tokenizer.semantic_ids import level_stats, prefix_groups
-    from bloger_cli.training import stage as train
     from bloger_cli.training.checkpoint import load_checkpoint
     from bloger_cli.workspace import Workspace
 

@@ -25,9 +25,9 @@ def main() -> None:
 
     from bloger_cli.artifacts import SPECS
     from bloger_cli.config import EvaluateConfig
-    from bloger_cli.evaluation import run as evaluate
+    from bloger_cli.data.samples import load_split
+    from bloger_cli.stages.evaluate import run as evaluate
     from bloger_cli.training.checkpoint import load_checkpoint, save_atomic
-    from bloger_cli.training.data import load_split
     from bloger_cli.workspace import Workspace
 
     ws = Workspace(Path(args.workspace))

@@ -41,17 +41,15 @@ def child(phase: str, n: int, threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
     from bloger_cli.config import TokenizeConfig
-    from bloger_cli.tokenizer.semantic_ids import (assign_all, collision_report, disambiguate, level_stats,
-                                                   prefix_groups)
-    from bloger_cli.tokenizer.stage import build_model
-    from bloger_cli.tokenizer.trainer import init_codebooks, run_epoch
+    from bloger_cli.tokenizer.semantic_ids import assign_all, collision_report, disambiguate, level_stats, prefix_groups
+    from bloger_cli.tokenizer.trainer import init_codebooks, new_tokenizer, run_epoch
 
     cfg = TokenizeConfig(method="rq-kmeans" if phase == "rq-kmeans" else "rqvae")
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     x = torch.randn(n, DIM, generator=gen)
     data_rss = rss_mib()
-    model = build_model(cfg, DIM)
+    model = new_tokenizer(cfg, DIM)
     cpu = torch.device("cpu")
     t0 = time.perf_counter()
     if phase in ("init", "assign"):

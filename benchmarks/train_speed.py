@@ -47,8 +47,9 @@ def child(side: str, args: argparse.Namespace) -> dict:
     """Run `args.steps` timed steps of one side (after `args.warmup` untimed ones)."""
     import torch
 
+    from bloger_cli.recommender.config import RecommenderConfig
     from bloger_cli.recommender.hf_port import to_hf_t5
-    from bloger_cli.recommender.model import Recommender, RecommenderConfig
+    from bloger_cli.recommender.model import Recommender
     from bloger_cli.recommender.vocab import EOS, PAD
 
     if args.threads:
@@ -73,7 +74,7 @@ def child(side: str, args: argparse.Namespace) -> dict:
     # sample, HF the same samples padded to `history` items as the official code does
     widths, step_masks = [h] * (args.warmup + args.steps), [None] * (args.warmup + args.steps)
     if args.lengths:
-        from bloger_cli.training.data import load_split
+        from bloger_cli.data.samples import load_split
         from bloger_cli.training.sampler import epoch_batches
 
         lengths = load_split(Path(args.lengths), "train").lengths().clamp_max(h)

@@ -25,6 +25,7 @@ from bloger_cli import __version__
 from bloger_cli.errors import ArtifactError, DamagedFile, WriteFailed
 
 SCHEMA_VERSION_KEY = "bloger.schema_version"
+RUN_STAGES = frozenset({"train-bilevel", "evaluate", "baseline"})  # their outputs live per run
 ANY_SIZE = 0  # a fixed_size_list of this size in a spec accepts any width (embedding dimension, ID length)
 
 
@@ -42,6 +43,12 @@ class ArtifactSpec:
 
     def missing_hint(self) -> str:
         return f"run `bloger {self.producer}` first"
+
+    @property
+    def per_run(self) -> bool:
+        """Whether each run of a workspace has its own artifact of this kind (runs/NAME/...), or the
+        workspace has one, shared by its runs (the data, embeddings and tokenizer)."""
+        return self.producer in RUN_STAGES
 
 
 SPECS: dict[str, ArtifactSpec] = {
@@ -294,9 +301,9 @@ def copy_query(con: Any, query: str, path: Path, metadata: dict[str, str]) -> No
     """Let DuckDB write a query's result straight to Parquet with footer metadata (no Python rows)."""
     import duckdb
 
-    kv = ", ".join(f"'{k}': '{_sql_str(v)}'" for k, v in metadata.items())
+    kv = ", ".join(f"'{k}': '{sql_str(v)}'" for k, v in metadata.items())
     with writing(path, duckdb.IOException):
-        con.execute(f"COPY ({query}) TO '{_sql_str(str(path))}' "
+        con.execute(f"COPY ({query}) TO '{sql_str(str(path))}' "
                     f"(FORMAT parquet, COMPRESSION zstd, KV_METADATA {{{kv}}})")
 
 
@@ -321,8 +328,14 @@ def writing(path: Path, *also: type[Exception]) -> Iterator[None]:
                                "artifacts are as they were") from None
 
 
-def _sql_str(text: str) -> str:
+def sql_str(text: str) -> str:
+    """Text for inside a SQL string literal (quotes doubled)."""
     return text.replace("'", "''")
+
+
+def sql_literal(value: object) -> str:
+    """A SQL string literal of a path or text: 'it''s'."""
+    return "'" + sql_str(str(value)) + "'"
 
 
 def temp_path_for(final: Path) -> Path:

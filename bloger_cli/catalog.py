@@ -10,11 +10,12 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import duckdb
 
@@ -41,7 +42,13 @@ CREATE TABLE IF NOT EXISTS artifacts (
     content_hash VARCHAR, parents JSON, rows BIGINT, bloger_version VARCHAR,
     created_at TIMESTAMP, run_id VARCHAR, current BOOLEAN
 );
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS run_name VARCHAR;
+ALTER TABLE artifacts ADD COLUMN IF NOT EXISTS run_name VARCHAR;
 """
+# run_name: the --run NAME a stage ran under (NULL: the workspace's unnamed run, as every run before
+# runs were named). Artifacts of per-run kinds are current per (kind, run_name); shared kinds per kind.
+
+ANY_RUN = object()  # runs(): every run name
 
 
 @dataclass
@@ -57,6 +64,7 @@ class RunRecord:
     finished_at: datetime | None
     result: dict[str, Any]
     error: str | None
+    run_name: str | None = None
 
 
 def _now() -> datetime:
@@ -117,27 +125,34 @@ class Catalog:
             con.execute("INSERT INTO bloger_catalog VALUES (?)", [CATALOG_FORMAT])
 
     def start_run(self, stage: str, config: dict[str, Any], config_hash: str, fingerprint: str,
-                  inputs: dict[str, str]) -> str:
+                  inputs: dict[str, str], run_name: str | None = None) -> str:
         run_id = f"{stage}-{_now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
         with self.connect() as con:
             con.execute(
-                "INSERT INTO runs VALUES (?, ?, 'running', ?, ?, ?, ?, ?, NULL, NULL, NULL, ?)",
+                "INSERT INTO runs (run_id, stage, status, config, config_hash, fingerprint, inputs, started_at, "
+                "bloger_version, run_name) VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?)",
                 [run_id, stage, json.dumps(config), config_hash, fingerprint, json.dumps(inputs), _now(),
-                 __version__],
+                 __version__, run_name],
             )
         return run_id
 
     def finish_run(self, run_id: str, status: str, result: dict[str, Any] | None = None,
-                   error: str | None = None, artifacts: list[ArtifactInfo] = ()) -> None:
-        """Close a run; on success register its artifacts as the current ones of their kinds."""
+                   error: str | None = None, artifacts: list[ArtifactInfo] = (), run_name: str | None = None) -> None:
+        """Close a run; on success register its artifacts as the current ones of their kinds (per run
+        name for the kinds each run has its own of)."""
+        root = self.path.parent
         with self.connect() as con:
             con.execute("BEGIN")
             for info in artifacts:
-                con.execute("UPDATE artifacts SET current = false WHERE kind = ?", [info.kind])
+                name = run_name if SPECS[info.kind].per_run else None
+                con.execute("UPDATE artifacts SET current = false WHERE kind = ? AND run_name IS NOT DISTINCT FROM ?",
+                            [info.kind, name])
                 con.execute(
-                    "INSERT INTO artifacts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, true)",
-                    [info.kind, info.path.name, SPECS[info.kind].version, info.config_hash,
-                     info.content_hash, json.dumps(info.parents), info.rows, __version__, _now(), run_id],
+                    "INSERT INTO artifacts (kind, path, schema_version, config_hash, content_hash, parents, rows, "
+                    "bloger_version, created_at, run_id, current, run_name) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, true, ?)",
+                    [info.kind, _relative(info.path, root), SPECS[info.kind].version, info.config_hash,
+                     info.content_hash, json.dumps(info.parents), info.rows, __version__, _now(), run_id, name],
                 )
             con.execute(
                 "UPDATE runs SET status = ?, finished_at = ?, result = ?, error = ? WHERE run_id = ?",
@@ -145,32 +160,62 @@ class Catalog:
             )
             con.execute("COMMIT")
 
-    def current_artifacts(self) -> dict[str, dict[str, Any]]:
-        """kind -> the current artifact's catalog row."""
+    def current_artifacts(self, run_name: str | None = None) -> dict[str, dict[str, Any]]:
+        """kind -> the current artifact's catalog row: the shared kinds, and the run's own kinds of the
+        run `run_name` (None: the unnamed run)."""
         if not self.path.exists():
             return {}
         with self.connect(read_only=True) as con:
-            cur = con.execute("SELECT * FROM artifacts WHERE current ORDER BY kind")
+            if not _has_column(con, "artifacts", "run_name"):  # a catalog older than named runs
+                cur = con.execute("SELECT *, NULL AS run_name FROM artifacts WHERE current ORDER BY kind")
+            else:
+                cur = con.execute("SELECT * FROM artifacts WHERE current ORDER BY kind")
             names = [d[0] for d in cur.description]
-            return {row[0]: dict(zip(names, row)) for row in cur.fetchall()}
+            rows = [dict(zip(names, row)) for row in cur.fetchall()]
+        return {row["kind"]: row for row in rows
+                if row["kind"] not in SPECS or not SPECS[row["kind"]].per_run or row["run_name"] == run_name}
 
-    def runs(self, stage: str | None = None, status: str | None = None) -> list[RunRecord]:
-        """Runs, newest first, optionally filtered."""
+    def runs(self, stage: str | None = None, status: str | None = None, run_name: Any = ANY_RUN) -> list[RunRecord]:
+        """Runs, newest first, optionally filtered by stage, status and run name (None: the unnamed run)."""
         if not self.path.exists():
             return []
         with self.connect(read_only=True) as con:
+            name = "run_name" if _has_column(con, "runs", "run_name") else "NULL"
             rows = con.execute(
                 "SELECT run_id, stage, status, config, config_hash, fingerprint, inputs, started_at, "
-                "finished_at, result, error FROM runs WHERE (? IS NULL OR stage = ?) "
+                f"finished_at, result, error, {name} FROM runs WHERE (? IS NULL OR stage = ?) "
                 "AND (? IS NULL OR status = ?) ORDER BY started_at DESC",
                 [stage, stage, status, status],
             ).fetchall()
-        return [
+        records = [
             RunRecord(r[0], r[1], r[2], json.loads(r[3] or "{}"), r[4], r[5], json.loads(r[6] or "{}"),
-                      r[7], r[8], json.loads(r[9]) if r[9] else {}, r[10])
+                      r[7], r[8], json.loads(r[9]) if r[9] else {}, r[10], r[11])
             for r in rows
         ]
+        return records if run_name is ANY_RUN else [r for r in records if r.run_name == run_name]
 
-    def last_done(self, stage: str) -> RunRecord | None:
-        runs = self.runs(stage, "done")
+    def run_names(self, stage: str = "train-bilevel") -> list[str | None]:
+        """The names of the runs with a finished `stage`, newest first (None: the unnamed run)."""
+        names: list[str | None] = []
+        for run in self.runs(stage, "done"):
+            if run.run_name not in names:
+                names.append(run.run_name)
+        return names
+
+    def last_done(self, stage: str, run_name: Any = ANY_RUN) -> RunRecord | None:
+        runs = self.runs(stage, "done", run_name)
         return runs[0] if runs else None
+
+
+def _relative(path: Path, root: Path) -> str:
+    """An artifact's path as the catalog records it: relative to the workspace (runs/NAME/best.pt)."""
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return path.name
+
+
+def _has_column(con: duckdb.DuckDBPyConnection, table: str, column: str) -> bool:
+    """Read-only connections cannot migrate: an old catalog lacks the columns newer versions add."""
+    return bool(con.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = ? AND "
+                            "column_name = ?", [table, column]).fetchone()[0])

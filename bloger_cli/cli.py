@@ -6,10 +6,13 @@ renders the result: a rich table on stderr, or one JSON object on stdout with --
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -19,10 +22,12 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from bloger_cli import __version__, progress
-from bloger_cli.config import resolve_config
+from bloger_cli.config import resolve_config, stage_config
 from bloger_cli.errors import BlogerError, Interrupted, WorkspaceError
-from bloger_cli.render import RENDERERS, emit, err, render_report, render_runs
+from bloger_cli.options import Invocation, JsonOpt, Opt, RunOpt, WorkspaceOpt, command_function
+from bloger_cli.render import RENDERERS, emit, err, render_generic, render_report, render_runs
 from bloger_cli.workspace import DEFAULT_WORKSPACE, Workspace, stage_status
+
 _state = {"debug": False}
 
 
@@ -80,7 +85,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main_options(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+    version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True,
                                                     help="Print the version and exit.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each step (stderr).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors; no progress bars.")] = False,
@@ -98,214 +103,82 @@ def main_options(
     root.propagate = False
 
 
-# Options every stage command shares.
-WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", envvar="BLOGER_WORKSPACE",
-                                            help="Workspace directory (catalog + artifacts).")]
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config; its stage section is used.")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key: key=value (repeatable).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if it is up to date.")]
-LockOpt = Annotated[float, typer.Option("--lock-timeout", help="Seconds to wait for a busy workspace.")]
+# ------------------------------------------------------------------------------------ stage commands
+# Each command names the config fields it offers as options; their flags, types, help and defaults come
+# from the fields (bloger_cli/options.py). Every other field is reachable with --set. The stage modules
+# are imported when a command runs, so that `bloger --help` does not load torch.
+
+STAGE_SHARED = ("workspace", "config", "set_", "as_json", "force", "lock_timeout")
+RUN_SHARED = (*STAGE_SHARED, "run")  # the stages whose outputs belong to a run (runs/NAME/)
 
 
-@app.command()
-def prepare(
-    workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    as_json: JsonOpt = False,
-    force: ForceOpt = False,
-    lock_timeout: LockOpt = 60.0,
-    source: Annotated[Optional[str], typer.Option(
-        help="letter | amazon | amazon2023 | movielens | recbole | table | synthetic")] = None,
-    input: Annotated[Optional[Path], typer.Option("--input", "-i", help="Interactions file or source directory.")] = None,
-    items: Annotated[Optional[Path], typer.Option(help="Item metadata file (default: found beside the input).")] = None,
-    user_col: Annotated[Optional[str], typer.Option(help="table: user column.")] = None,
-    item_col: Annotated[Optional[str], typer.Option(help="table: item column.")] = None,
-    time_col: Annotated[Optional[str], typer.Option(help="table: timestamp column.")] = None,
-    rating_col: Annotated[Optional[str], typer.Option(help="table: rating column.")] = None,
-    item_key_col: Annotated[Optional[str], typer.Option(help="table: item key column in --items.")] = None,
-    min_rating: Annotated[Optional[float], typer.Option(help="Keep interactions rated at least this.")] = None,
-    duplicates: Annotated[Optional[str], typer.Option(help="Repeated (user, item): first | all.")] = None,
-    min_user_interactions: Annotated[Optional[int], typer.Option(help="k-core threshold for users [5].")] = None,
-    min_item_interactions: Annotated[Optional[int], typer.Option(help="k-core threshold for items [5].")] = None,
-    max_history: Annotated[Optional[int], typer.Option(help="History length of each sample [20].")] = None,
-) -> None:
-    """Turn raw interactions (+ item text) into interactions, users, items and sequences artifacts."""
-    from bloger_cli.data.prepare import run
+def stage_command(name: str, module: str, opts: list[Opt], doc: str, *, shared: tuple[str, ...] = STAGE_SHARED,
+                  extra: list[inspect.Parameter] = (), force: bool | None = None) -> None:
+    """Register `bloger NAME`: resolve the config, run `bloger_cli.stages.MODULE.run`, render."""
+    model = stage_config(name)
 
-    options = dict(source=source, input=input, items=items, user_col=user_col, item_col=item_col,
-                   time_col=time_col, rating_col=rating_col, item_key_col=item_key_col, min_rating=min_rating,
-                   duplicates=duplicates, min_user_interactions=min_user_interactions,
-                   min_item_interactions=min_item_interactions, max_history=max_history)
-    _stage("prepare", run, workspace, config, options, set_, as_json, force, lock_timeout)
+    def body(call: Invocation) -> None:
+        run = importlib.import_module(f"bloger_cli.stages.{module}").run
+        s = call.shared
+        _stage(name, run, Workspace(s["workspace"], s.get("run")), s["config"], call.options, s["set_"],
+               s["as_json"], s.get("force", False) if force is None else force, s["lock_timeout"], **call.extra)
+
+    app.command(name)(command_function(name, model, opts, body, shared=shared, extra=extra, doc=doc))
 
 
-@app.command()
-def embed(
-    workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    as_json: JsonOpt = False,
-    force: ForceOpt = False,
-    lock_timeout: LockOpt = 60.0,
-    model: Annotated[Optional[str], typer.Option(
-        help="sentence-transformers model name or local directory [all-MiniLM-L6-v2].")] = None,
-    template: Annotated[Optional[str], typer.Option(
-        help="Text template over item fields, e.g. '{title}. Brand: {brand}. {categories}'.")] = None,
-    on_missing_text: Annotated[Optional[str], typer.Option(
-        help="Items with no text: error | skip | empty.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Texts per encoder batch [128].")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | mps.")] = None,
-    from_file: Annotated[Optional[Path], typer.Option(
-        help="Import a precomputed matrix (.npy rows in item_id order, or .parquet item_id + embedding).")] = None,
-) -> None:
-    """Encode each item's text into an embedding (cached by text hash, so re-runs encode only new text)."""
-    from bloger_cli.embed import run
-
-    options = dict(model=model, template=template, on_missing_text=on_missing_text, batch_size=batch_size,
-                   device=device, from_file=from_file)
-    _stage("embed", run, workspace, config, options, set_, as_json, force, lock_timeout)
+def flag(name: str, decl: str, help: str) -> inspect.Parameter:
+    """A command's own on/off switch that is not a config setting (--resume)."""
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=False,
+                             annotation=Annotated[bool, typer.Option(decl, help=help)])
 
 
-@app.command()
-def tokenize(
-    workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    as_json: JsonOpt = False,
-    force: ForceOpt = False,
-    lock_timeout: LockOpt = 60.0,
-    method: Annotated[Optional[str], typer.Option(help="rqvae | rq-kmeans.")] = None,
-    levels: Annotated[Optional[int], typer.Option(help="Residual levels L [4].")] = None,
-    codebook_size: Annotated[Optional[int], typer.Option(help="Codes per level K [256].")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="RQ-VAE training epochs [200].")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed [42].")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | mps.")] = None,
-    warm_start: Annotated[Optional[Path], typer.Option(
-        help="An earlier workspace or tokenizer file to start from (then --epochs more; 0: codes only).")] = None,
-) -> None:
-    """Train the item tokenizer and give every item a semantic ID (collisions disambiguated)."""
-    from bloger_cli.tokenizer.stage import run
+stage_command("prepare", "prepare", [
+    Opt("source"), Opt("input", ("--input", "-i")), Opt("items"), Opt("user_col"), Opt("item_col"),
+    Opt("time_col"), Opt("rating_col"), Opt("item_key_col"), Opt("min_rating"), Opt("duplicates"),
+    Opt("min_user_interactions"), Opt("min_item_interactions"), Opt("max_history"),
+], "Turn raw interactions (+ item text) into interactions, users, items and sequences artifacts.")
 
-    options = dict(method=method, levels=levels, codebook_size=codebook_size, epochs=epochs, seed=seed,
-                   device=device, warm_start=warm_start)
-    _stage("tokenize", run, workspace, config, options, set_, as_json, force, lock_timeout)
+stage_command("embed", "embed", [
+    Opt("model"), Opt("template"), Opt("on_missing_text"), Opt("batch_size"), Opt("device"), Opt("from_file"),
+], "Encode each item's text into an embedding (cached by text hash, so re-runs encode only new text).")
 
+stage_command("tokenize", "tokenize", [
+    Opt("method"), Opt("levels"), Opt("codebook_size"), Opt("epochs"), Opt("seed"), Opt("device"),
+    Opt("warm_start"),
+], "Train the item tokenizer and give every item a semantic ID (collisions disambiguated).")
 
-@app.command("train-bilevel")
-def train_bilevel(
-    workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    as_json: JsonOpt = False,
-    force: ForceOpt = False,
-    lock_timeout: LockOpt = 60.0,
-    mode: Annotated[Optional[str], typer.Option(
-        help="fixed (tokenizer frozen, TIGER) | joint | bilevel (BLOGER) [bilevel].")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs [200].")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Training samples per step [256].")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed [42].")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | mps.")] = None,
-    val_users: Annotated[Optional[int], typer.Option(
-        help="Validate on a fixed sample of this many users [all].")] = None,
-    lam: Annotated[Optional[float], typer.Option("--lambda", help="Weight of the tokenizer loss [0.5].")] = None,
-    surgery: Annotated[Optional[str], typer.Option(help="pcgrad | none | official [pcgrad].")] = None,
-    updates_per_epoch: Annotated[Optional[int], typer.Option(help="Tokenizer meta steps per epoch [1].")] = None,
-    time_budget: Annotated[Optional[str], typer.Option(
-        help="Stop after this much wall time, e.g. 90s, 20m, 1h30m; the schedule spans it [none].")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps [none].")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run of this workspace.")] = False,
-    warm_start: Annotated[Optional[Path], typer.Option(
-        help="An earlier workspace or checkpoint whose recommender weights to start from.")] = None,
-) -> None:
-    """Train the generative recommender (and, in modes joint and bilevel, the tokenizer) on the semantic IDs.
+stage_command("train-bilevel", "train", [
+    Opt("mode"), Opt("epochs"), Opt("batch_size"), Opt("seed"), Opt("device"), Opt("train.val_users"),
+    Opt("bilevel.lam", ("--lambda",)), Opt("bilevel.surgery"), Opt("bilevel.updates_per_epoch"),
+    Opt("train.time_budget", kind=str), Opt("train.max_steps"), Opt("warm_start"),
+], "Train the generative recommender (and, in modes joint and bilevel, the tokenizer) on the semantic "
+   "IDs.\n\nOther settings via --set model.X, train.X and bilevel.X.", shared=RUN_SHARED,
+    extra=[flag("resume", "--resume", "Continue the interrupted run of this workspace.")])
 
-    Other settings via --set model.X, train.X and bilevel.X."""
-    from bloger_cli.training.stage import run
+stage_command("evaluate", "evaluate", [
+    Opt("checkpoint"), Opt("split"), Opt("k", ("--k",)), Opt("beam"), Opt("decode"), Opt("batch_size"),
+    Opt("device"),
+], "Decode held-out users and report Recall@K and NDCG@K (item-level), beside a popularity baseline.",
+    shared=RUN_SHARED)
 
-    options = {"mode": mode, "epochs": epochs, "batch_size": batch_size, "seed": seed, "device": device,
-               "train.val_users": val_users, "bilevel.lam": lam, "bilevel.surgery": surgery,
-               "bilevel.updates_per_epoch": updates_per_epoch, "warm_start": warm_start,
-               "train.time_budget": time_budget, "train.max_steps": max_steps}
-    _stage("train-bilevel", run, workspace, config, options, set_, as_json, force, lock_timeout, resume=resume)
+stage_command("baseline", "baseline", [
+    Opt("model", ("--model",)), Opt("epochs"), Opt("batch_size"), Opt("patience"), Opt("k", ("--k",)),
+    Opt("seed"), Opt("device"),
+], "Train and test a baseline (SASRec, or popularity) on the workspace's own split and metrics.\n\n"
+   "SASRec settings via --set sasrec.X (layers, heads, hidden, inner, dropout, lr, weight_decay).",
+    shared=RUN_SHARED)
+
+stage_command("export-ids", "export", [
+    Opt("out", ("--out", "-o")), Opt("format"), Opt("from_", ("--from",)), Opt("codebooks"), Opt("compare"),
+], "Export item key, item id and semantic ID (Parquet, CSV or JSONL).",
+    shared=("workspace", "config", "set_", "as_json", "lock_timeout"), force=True)
 
 
-@app.command()
-def evaluate(
-    workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    as_json: JsonOpt = False,
-    force: ForceOpt = False,
-    lock_timeout: LockOpt = 60.0,
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint to evaluate [WORKSPACE/best.pt].")] = None,
-    split: Annotated[Optional[str], typer.Option(help="test | valid [test].")] = None,
-    k: Annotated[Optional[str], typer.Option("--k", help="Cut-offs, comma-separated [1,5,10,20].")] = None,
-    beam: Annotated[Optional[int], typer.Option(help="Beam width of constrained decoding [20].")] = None,
-    decode: Annotated[Optional[str], typer.Option(help="beam | exact (score every item; small catalogs) [beam].")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Users per decoding batch [256].")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | mps.")] = None,
-) -> None:
-    """Decode held-out users and report Recall@K and NDCG@K (item-level), beside a popularity baseline."""
-    from bloger_cli.evaluation import run
-
-    options = dict(checkpoint=checkpoint, split=split, k=k, beam=beam, decode=decode, batch_size=batch_size,
-                   device=device)
-    _stage("evaluate", run, workspace, config, options, set_, as_json, force, lock_timeout)
-
-
-@app.command()
-def baseline(
-    workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    as_json: JsonOpt = False,
-    force: ForceOpt = False,
-    lock_timeout: LockOpt = 60.0,
-    model: Annotated[Optional[str], typer.Option("--model", help="sasrec | popularity [sasrec].")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Maximum SASRec epochs [200].")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Training samples per step [256].")] = None,
-    patience: Annotated[Optional[int], typer.Option(help="Epochs without a better validation NDCG@10 [10].")] = None,
-    k: Annotated[Optional[str], typer.Option("--k", help="Cut-offs, comma-separated [1,5,10,20].")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed [42].")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | mps.")] = None,
-) -> None:
-    """Train and test a baseline (SASRec, or popularity) on the workspace's own split and metrics.
-
-    SASRec settings via --set sasrec.X (layers, heads, hidden, inner, dropout, lr, weight_decay)."""
-    from bloger_cli.baseline.stage import run
-
-    options = dict(model=model, epochs=epochs, batch_size=batch_size, patience=patience, k=k, seed=seed,
-                   device=device)
-    _stage("baseline", run, workspace, config, options, set_, as_json, force, lock_timeout)
-
-
-@app.command("export-ids")
-def export_ids(
-    workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    as_json: JsonOpt = False,
-    lock_timeout: LockOpt = 60.0,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file.")] = None,
-    format: Annotated[Optional[str], typer.Option(help="parquet | csv | jsonl [from the suffix].")] = None,
-    from_: Annotated[Optional[str], typer.Option("--from", help="tokenize | train [tokenize].")] = None,
-    codebooks: Annotated[Optional[Path], typer.Option(help="Also write the codebooks (level, code, vector).")] = None,
-    compare: Annotated[Optional[Path], typer.Option(help="An earlier export: count items whose ID changed.")] = None,
-) -> None:
-    """Export item key, item id and semantic ID (Parquet, CSV or JSONL)."""
-    from bloger_cli.export import run
-
-    options = dict(out=out, format=format, from_=from_, codebooks=codebooks, compare=compare)
-    _stage("export-ids", run, workspace, config, options, set_, as_json, True, lock_timeout)
-
-
-def _stage(stage: str, run, workspace: Path, config: Path | None, options: dict[str, Any], sets: list[str] | None,
-           as_json: bool, force: bool, lock_timeout: float, **extra: Any) -> None:
+def _stage(stage: str, run: Callable[..., Any], ws: Workspace, config: Path | None, options: dict[str, Any],
+           sets: list[str] | None, as_json: bool, force: bool, lock_timeout: float, **extra: Any) -> None:
     """What every stage command does: resolve the config, run the library function, render."""
     cfg = resolve_config(stage, config, options, sets)
-    out = run(cfg, Workspace(workspace), force=force, lock_timeout=lock_timeout, **extra)
+    out = run(cfg, ws, force=force, lock_timeout=lock_timeout, **extra)
     if not out.run_id:  # a torchrun process other than rank 0: rank 0 reports
         return
     payload = {"stage": stage, "run_id": out.run_id, "skipped": out.skipped, "result": out.result}
@@ -314,17 +187,53 @@ def _stage(stage: str, run, workspace: Path, config: Path | None, options: dict[
     emit(payload, as_json, RENDERERS[stage])
 
 
+# ------------------------------------------------------------------------------ serving commands
+
+ReplaceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing --out.")]
+SERVING_SHARED = ("workspace", "config", "set_", "as_json", "run")
+
+
+def serving_command(name: str, module: str, opts: list[Opt], doc: str) -> None:
+    """Register `bloger NAME` for a command that writes a file outside the workspace (no stage run)."""
+    model = stage_config(name)
+    replace = inspect.Parameter("replace", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=ReplaceOpt)
+
+    def body(call: Invocation) -> None:
+        run = importlib.import_module(f"bloger_cli.stages.{module}").run
+        cfg = resolve_config(name, call.shared["config"], call.options, call.shared["set_"])
+        ws = None if getattr(cfg, "model", None) is not None else \
+            Workspace(call.shared["workspace"], call.shared["run"])
+        result = run(cfg, ws, force=call.extra["replace"])
+        emit({"stage": name, "skipped": False, "result": result}, call.shared["as_json"], render_generic)
+
+    app.command(name)(command_function(name, model, opts, body, shared=SERVING_SHARED, extra=[replace], doc=doc))
+
+
+serving_command("recommend", "recommend", [
+    Opt("out", ("--out", "-o")), Opt("k", ("--k",)), Opt("checkpoint"), Opt("model"), Opt("users"),
+    Opt("histories"), Opt("as_of"), Opt("exclude_seen"), Opt("beam"), Opt("decode"), Opt("batch_size"),
+    Opt("device"), Opt("with_titles"),
+], "Write the top-K items for every user (or --users, or new --histories) with the trained model.")
+
+serving_command("export-model", "export_model", [
+    Opt("out", ("--out", "-o")), Opt("format"), Opt("checkpoint"),
+], "Export the trained model, its semantic IDs and vocabulary for serving (one file, or a HF folder).")
+
+
+# ------------------------------------------------------------------------- workspace commands
+
 @app.command()
-def status(workspace: WorkspaceOpt = DEFAULT_WORKSPACE, as_json: JsonOpt = False) -> None:
-    """List each stage of a workspace as done, stale or missing."""
-    ws = Workspace(workspace)
+def status(workspace: WorkspaceOpt = DEFAULT_WORKSPACE, run: RunOpt = None, as_json: JsonOpt = False) -> None:
+    """List each stage of a workspace (and of its latest run, or --run) as done, stale or missing."""
+    ws = Workspace(workspace, run)
     if not ws.catalog.path.exists():
         raise WorkspaceError(f"{workspace} is not a bloger workspace (no catalog.duckdb)",
                              hint="run `bloger prepare` first")
+    ws = ws.latest_run()
     rows = stage_status(ws)
 
     def render(result: dict[str, Any]) -> None:
-        table = Table(title=f"workspace {workspace}", title_justify="left")
+        table = Table(title=f"workspace {workspace}" + (f", run {ws.run}" if ws.run else ""), title_justify="left")
         for col in ("stage", "state", "reason", "last run"):
             table.add_column(col)
         colour = {"done": "green", "stale": "yellow", "missing": "red"}
@@ -333,17 +242,17 @@ def status(workspace: WorkspaceOpt = DEFAULT_WORKSPACE, as_json: JsonOpt = False
                           r["run_id"] or "")
         err.print(table)
 
-    emit({"workspace": str(workspace), "stages": rows}, as_json, render)
+    emit({"workspace": str(workspace), "run": ws.run, "stages": rows}, as_json, render)
 
 
 @app.command()
 def runs(
-    workspace: Annotated[Optional[list[Path]], typer.Option(
+    workspace: Annotated[list[Path] | None, typer.Option(
         "--workspace", "-w", envvar="BLOGER_WORKSPACE",
         help="Workspace to list (repeatable: several side by side).")] = None,
-    stage: Annotated[Optional[str], typer.Option(help="Only this stage's runs.")] = None,
-    mode: Annotated[Optional[str], typer.Option(help="Only runs of this mode: fixed, joint or bilevel.")] = None,
-    run_status: Annotated[Optional[str], typer.Option("--status", help="Only runs with this status: "
+    stage: Annotated[str | None, typer.Option(help="Only this stage's runs.")] = None,
+    mode: Annotated[str | None, typer.Option(help="Only runs of this mode: fixed, joint or bilevel.")] = None,
+    run_status: Annotated[str | None, typer.Option("--status", help="Only runs with this status: "
                                                       "done, failed, interrupted, running or killed.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -356,35 +265,33 @@ def runs(
     emit({"workspaces": [str(r) for r in roots], "runs": rows}, as_json, render_runs)
 
 
-@app.command()
-def report(
-    workspace: Annotated[Optional[list[Path]], typer.Option(
-        "--workspace", "-w", envvar="BLOGER_WORKSPACE",
-        help="Workspace whose runs to report (repeatable: several side by side).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory [WORKSPACE/report].")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Title (and the results file's name).")] = None,
-    results: Annotated[Optional[Path], typer.Option(
-        help="Also write RESULTS/NAME.md and .json, the reproduction results file of `make -C pipelines`.")] = None,
-    train_flags: Annotated[Optional[str], typer.Option(help="TRAIN_FLAGS the runs were made with, to record.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Write into an output directory that exists.")] = False,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Write an HTML report with figures: training curves, tokenizer updates, codebook usage, test metrics
-    of every run and baseline (mean ± 95% interval over seeds), and the configs that differ. Needs
-    matplotlib, the `plot` extra of bloger."""
-    from bloger_cli.report.stage import run
+ReportWorkspaces = Annotated[list[Path] | None, typer.Option(
+    "--workspace", "-w", envvar="BLOGER_WORKSPACE", help="Workspace whose runs to report (repeatable: several "
+    "side by side).")]
+ReportForce = Annotated[bool, typer.Option("--force", help="Write into an output directory that exists.")]
 
-    roots = workspace or [DEFAULT_WORKSPACE]
-    options = dict(out=out or roots[0] / "report", name=name, results=results, train_flags=train_flags)
-    result = run(resolve_config("report", config, options, set_), roots, force=force)
-    emit(result, as_json, render_report)
+
+def _report(call: Invocation) -> None:
+    from bloger_cli.stages.report import run
+
+    roots = call.extra["workspaces"] or [DEFAULT_WORKSPACE]
+    options = {**call.options, "out": call.options["out"] or roots[0] / "report"}
+    result = run(resolve_config("report", call.shared["config"], options, call.shared["set_"]), roots,
+                 force=call.extra["replace"])
+    emit(result, call.shared["as_json"], render_report)
+
+
+app.command("report")(command_function(
+    "report", stage_config("report"), [Opt("out", ("--out", "-o")), Opt("name"), Opt("results"), Opt("train_flags")],
+    _report, shared=("config", "set_", "as_json"),
+    extra=[inspect.Parameter("workspaces", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ReportWorkspaces),
+           inspect.Parameter("replace", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=ReportForce)],
+    doc="Write an HTML report with figures: training curves, tokenizer updates, codebook usage, test metrics "
+        "of every run and baseline (mean ± 95% interval over seeds), and the configs that differ. Needs "
+        "matplotlib, the `plot` extra of bloger."))
 
 
 def main() -> None:
     """Console-script entry point."""
     app()
 
-
-from bloger_cli.serving import commands as _serving_commands  # noqa: E402,F401  registers recommend, export-model

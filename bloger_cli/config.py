@@ -16,13 +16,19 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from bloger_cli.baseline.config import BaselineConfig
-from bloger_cli.config_base import MAX_BAD_STEPS, Device, MaxBadSteps, StrictModel
+from bloger_cli.config_base import MAX_BAD_STEPS, Device, MaxBadSteps, StrictModel, device_field, seed_field
 from bloger_cli.cutoffs import DEFAULT_KS, parse_ks, positive_ks
 from bloger_cli.errors import ConfigError
 from bloger_cli.report.config import ReportConfig
 from bloger_cli.serving.config import ExportModelConfig, RecommendConfig
-from bloger_cli.training.config import (BilevelConfig, ModelConfig, TrainBilevelConfig,  # noqa: F401  (re-exported)
-                                        TrainConfig, TrainMode, parse_duration)
+from bloger_cli.training.config import (  # noqa: F401  (re-exported)
+    BilevelConfig,
+    ModelConfig,
+    TrainBilevelConfig,
+    TrainConfig,
+    TrainMode,
+    parse_duration,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -53,7 +59,7 @@ class SyntheticConfig(StrictModel):
     seed: int = Field(0, ge=0, description="same seed, same data")
 
     @model_validator(mode="after")
-    def _enough_items(self) -> "SyntheticConfig":
+    def _enough_items(self) -> SyntheticConfig:
         if self.items < self.categories:
             raise ValueError(
                 f"synthetic.items ({self.items}) must be at least synthetic.categories ({self.categories})"
@@ -71,7 +77,7 @@ class PrepareConfig(StrictModel):
 
     unhashed = frozenset({"input", "items"})
 
-    source: SourceKind = "letter"
+    source: SourceKind = Field("letter", description="the format of the raw data")
     input: Path | None = Field(None, description="interactions file or directory holding the source files")
     items: Path | None = Field(None, description="item metadata file (default: found next to the input)")
     user_col: str | None = Field(None, description="table source: user column")
@@ -81,8 +87,8 @@ class PrepareConfig(StrictModel):
     item_key_col: str | None = Field(None, description="table source: item key column of the items file")
     min_rating: float | None = Field(None, description="keep interactions with rating >= this")
     duplicates: Literal["first", "all"] = Field("first", description="repeated (user, item): keep first or all")
-    min_user_interactions: int = Field(5, ge=1)
-    min_item_interactions: int = Field(5, ge=1)
+    min_user_interactions: int = Field(5, ge=1, description="k-core threshold for users")
+    min_item_interactions: int = Field(5, ge=1, description="k-core threshold for items")
     max_history: int = Field(20, ge=1, description="items of history per training sample")
     sample_users: int | None = Field(None, ge=1, description="keep a seeded random sample of this many users "
                                      "after the k-core (whole histories; for quicker experiments)")
@@ -90,7 +96,7 @@ class PrepareConfig(StrictModel):
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
 
     @model_validator(mode="after")
-    def _source_needs(self) -> "PrepareConfig":
+    def _source_needs(self) -> PrepareConfig:
         if self.source == "synthetic":
             if self.input is not None:
                 raise ValueError("input must not be set when source is 'synthetic'")
@@ -118,12 +124,12 @@ class EmbedConfig(StrictModel):
     on_missing_text: Literal["error", "skip", "empty"] = Field(
         "error", description="items with no text at all: refuse, leave out, or embed the empty string")
     normalize: bool = Field(True, description="L2-normalise the embeddings")
-    batch_size: int = Field(128, ge=1)
-    device: Device = "auto"
+    batch_size: int = Field(128, ge=1, description="texts per encoder batch")
+    device: Device = device_field()
     from_file: Path | None = Field(None, description="import a precomputed matrix (.npy or .parquet)")
 
     @model_validator(mode="after")
-    def _template_or_fields(self) -> "EmbedConfig":
+    def _template_or_fields(self) -> EmbedConfig:
         if self.template is not None and self.fields is not None:
             raise ValueError("give either template or fields, not both")
         if self.from_file is not None and (self.template is not None or self.fields is not None):
@@ -137,14 +143,14 @@ class TokenizeConfig(StrictModel):
 
     unhashed = frozenset({"warm_start", "max_bad_steps"})
 
-    method: Literal["rqvae", "rq-kmeans"] = "rqvae"
+    method: Literal["rqvae", "rq-kmeans"] = Field("rqvae", description="the tokenizer")
     levels: int = Field(4, ge=1, le=16, description="residual quantisation levels L")
     codebook_size: int = Field(256, ge=2, le=32767, description="codes per level K")
     code_dim: int = Field(32, ge=1, description="latent dimension d of the codes")
     hidden: list[int] | None = Field(None, description="encoder MLP widths (default: halving from the input)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    epochs: int = Field(200, ge=0)
-    batch_size: int = Field(1024, ge=1)
+    epochs: int = Field(200, ge=0, description="RQ-VAE training epochs")
+    batch_size: int = Field(1024, ge=1, description="embeddings per RQ-VAE step")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     commitment: float = Field(0.25, ge=0, description="mu: weight of the commitment loss")
@@ -155,11 +161,11 @@ class TokenizeConfig(StrictModel):
     disambiguate: bool = Field(True, description="append a code that makes colliding IDs unique")
     warm_start: Path | None = Field(None, description="an earlier workspace or tokenizer file: start from its "
                                     "weights (no k-means init), then train `epochs` more (0: assign codes only)")
-    seed: int = 42
-    device: Device = "auto"
+    seed: int = seed_field()
+    device: Device = device_field()
 
     @model_validator(mode="after")
-    def _positive_widths(self) -> "TokenizeConfig":
+    def _positive_widths(self) -> TokenizeConfig:
         if self.hidden is not None and any(width < 1 for width in self.hidden):
             raise ValueError(f"hidden widths must be >= 1 (got {self.hidden}); leave hidden unset for the default")
         return self
@@ -172,7 +178,8 @@ class ExportConfig(StrictModel):
 
     out: Path = Field(..., description="output file")
     format: Literal["parquet", "csv", "jsonl"] | None = Field(None, description="default: from the suffix")
-    from_: Literal["tokenize", "train"] = Field("tokenize", alias="from")
+    from_: Literal["tokenize", "train"] = Field("tokenize", alias="from", description="the IDs of `bloger "
+                                                "tokenize`, or those the trained model decodes with")
     codebooks: Path | None = Field(None, description="also write the codebooks (level, code, vector) here")
     compare: Path | None = Field(None, description="an earlier export: report how many items changed ID")
 
@@ -185,18 +192,18 @@ class EvaluateConfig(StrictModel):
     """`bloger evaluate`: decode held-out users and compute Recall@K and NDCG@K, item-level."""
 
     checkpoint: Path | None = Field(None, description="default: the workspace's best.pt")
-    split: Literal["test", "valid"] = "test"
+    split: Literal["test", "valid"] = Field("test", description="the held-out users to decode")
     k: list[int] = Field(list(DEFAULT_KS), min_length=1, description="cut-offs, e.g. 1,5,10,20")
     beam: int = Field(20, ge=1, description="beam width of constrained decoding")
     decode: Literal["beam", "exact"] = Field("beam", description="exact: score every item (small catalogs)")
     batch_size: int = Field(256, ge=1, description="users per decoding batch")
-    device: Device = "auto"
+    device: Device = device_field()
 
     _parse_ks = field_validator("k", mode="before")(classmethod(lambda cls, value: parse_ks(value)))
     _positive_ks = field_validator("k")(classmethod(lambda cls, value: positive_ks(value)))
 
     @model_validator(mode="after")
-    def _beam_covers_k(self) -> "EvaluateConfig":
+    def _beam_covers_k(self) -> EvaluateConfig:
         if self.decode == "beam" and self.beam < max(self.k):
             raise ValueError(f"beam ({self.beam}) must be at least the largest k ({max(self.k)}): a beam of "
                              f"width W yields W items")

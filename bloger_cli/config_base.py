@@ -17,6 +17,16 @@ MaxBadSteps = Annotated[int, Field(ge=1, description="stop after this many steps
 MAX_BAD_STEPS = 20
 
 
+def device_field() -> Any:
+    """The `device` setting every torch stage has, declared once."""
+    return Field("auto", description="where to run; auto: cuda, else mps, else cpu")
+
+
+def seed_field(default: int = 42) -> Any:
+    """The `seed` setting of every stage that draws random numbers, declared once."""
+    return Field(default, description="random seed: the same seed on the same device gives the same result")
+
+
 class StrictModel(BaseModel):
     """Base for every config: unknown keys are errors, assignments are validated."""
 

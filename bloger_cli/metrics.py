@@ -10,7 +10,7 @@ below K and 0 otherwise (the paper's 1 / log2(rank + 1) with 1-based ranks).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

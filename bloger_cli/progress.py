@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Iterable, Iterator, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -52,7 +53,7 @@ class Steps:
         self._owned = False
         self._task = None
 
-    def __enter__(self) -> "Steps":
+    def __enter__(self) -> Steps:
         if enabled():
             self._progress = _state["live"]
             self._owned = self._progress is None
@@ -87,7 +88,7 @@ class Bar:
         self._owned = False
         self._task = None
 
-    def __enter__(self) -> "Bar":
+    def __enter__(self) -> Bar:
         if enabled():
             self._progress = _state["live"]
             self._owned = self._progress is None

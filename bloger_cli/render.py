@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from rich import box
 from rich.console import Console
@@ -130,25 +131,26 @@ def render_runs(result: dict[str, Any]) -> None:
     """`bloger runs`: one row per run (a workspace column when there are several)."""
     several = len(result["workspaces"]) > 1
     table = Table(title=f"{len(result['runs'])} runs", title_justify="left", box=box.SIMPLE_HEAD)
-    columns = (["workspace"] if several else []) + [
-        "started", "stage", "status", "mode", "seed", "config", "recall@10", "ndcg@10", "churn", "seconds", "run"]
+    named = any(r.get("run") for r in result["runs"])
+    columns = (["workspace"] if several else []) + (["run"] if named else []) + [
+        "started", "stage", "status", "mode", "seed", "config", "recall@10", "ndcg@10", "churn", "seconds", "id"]
     for col in columns:
         table.add_column(col, justify="right" if col in ("seed", "recall@10", "ndcg@10", "churn", "seconds")
                          else "left")
     colour = {"done": "green", "failed": "red", "interrupted": "yellow", "running": "cyan", "killed": "red"}
     for r in result["runs"]:
-        cells = [escape(c) for c in ([r["workspace"]] if several else []) + [
+        cells = [escape(c) for c in ([r["workspace"]] if several else []) + ([r.get("run") or ""] if named else []) + [
             (r["started_at"] or "")[5:16], r["stage"], r["status"], r["mode"] or "",
             "" if r["seed"] is None else str(r["seed"]), (r["config_hash"] or "")[:8],
             *(f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "" for k in ("recall@10", "ndcg@10")),
             "" if r.get("churn") is None else f"{r['churn']:.3f}",  # bilevel: mean share re-coded per update
             "" if r["seconds"] is None else f"{r['seconds']:.0f}", r["run_id"].rsplit("-", 1)[-1]]]
-        status_at = 3 if several else 2
+        status_at = 2 + several + named
         cells[status_at] = f"[{colour.get(r['status'], 'white')}]{cells[status_at]}[/]"
         table.add_row(*cells)
     (err if err.is_terminal else Console(stderr=True, width=120)).print(table)  # a log is not 80 wide
     if result["runs"]:
-        err.print("run: the run id's last part; --json gives whole ids, full metrics and errors",
+        err.print("id: the run id's last part; --json gives whole ids, full metrics and errors",
                   style="dim", highlight=False)
 
 

@@ -60,7 +60,8 @@ def list_runs(workspaces: list[Path], *, stage: str | None = None, mode: str | N
             seconds = ((run.finished_at - run.started_at).total_seconds()
                        if run.finished_at and run.started_at else None)
             rows.append({
-                "workspace": str(root), "run_id": run.run_id, "stage": run.stage, "status": run_status,
+                "workspace": str(root), "run": run.run_name, "run_id": run.run_id, "stage": run.stage,
+                "status": run_status,
                 "mode": run_mode, "seed": run.config.get("seed", run.result.get("seed")),
                 "config_hash": run.config_hash, "metrics": _metrics(run.stage, run.result),
                 "started_at": run.started_at.isoformat(sep=" ", timespec="seconds") if run.started_at else None,

@@ -11,40 +11,80 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from filelock import FileLock, Timeout
 from pydantic import BaseModel
 
-from bloger_cli.artifacts import (SPECS, ArtifactInfo, ArtifactSpec, file_hash, make_metadata, read_info,
-                                  temp_path_for)
+from bloger_cli.artifacts import (
+    RUN_STAGES,
+    SPECS,
+    ArtifactInfo,
+    ArtifactSpec,
+    file_hash,
+    make_metadata,
+    read_info,
+    temp_path_for,
+)
 from bloger_cli.catalog import Catalog, RunRecord
 from bloger_cli.config import config_hash
-from bloger_cli.errors import ArtifactError, Interrupted, WorkspaceBusy, WorkspaceError
+from bloger_cli.errors import ArtifactError, ConfigError, Interrupted, WorkspaceBusy, WorkspaceError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WORKSPACE = Path("bloger-work")
 
 
-class Workspace:
-    """A directory holding `catalog.duckdb`, the stage artifacts and a lock file."""
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+RUNS_DIR = "runs"
 
-    def __init__(self, root: Path | str) -> None:
+
+class Workspace:
+    """A directory holding `catalog.duckdb`, the stage artifacts and a lock file.
+
+    The data, embeddings and tokenizer are shared by the workspace's runs; each run of train-bilevel,
+    evaluate and baseline has its own artifacts under `runs/NAME/` (`run`), or at the root for the
+    unnamed run (`run=None`, which is also how every workspace made before named runs reads).
+    """
+
+    def __init__(self, root: Path | str, run: str | None = None) -> None:
         self.root = Path(root)
         if self.root.exists() and not self.root.is_dir():
             raise WorkspaceError(f"workspace {self.root} is a file, not a directory",
                                  hint="give --workspace a directory path")
+        if run is not None and not RUN_NAME.fullmatch(run):
+            raise ConfigError(f"--run {run!r}: a run name is letters, digits, '.', '_' and '-' (at most 100, "
+                              "starting with a letter or digit)")
+        self.run = run
         self.catalog = Catalog(self.root / "catalog.duckdb")
 
+    @property
+    def run_dir(self) -> Path:
+        """Where this run's own artifacts live."""
+        return self.root if self.run is None else self.root / RUNS_DIR / self.run
+
     def path(self, kind: str) -> Path:
-        return self.root / SPECS[kind].filename
+        spec = SPECS[kind]
+        return (self.run_dir if spec.per_run else self.root) / spec.filename
+
+    def with_run(self, run: str | None) -> Workspace:
+        return Workspace(self.root, run)
+
+    def latest_run(self) -> Workspace:
+        """This workspace at its run: the one named, else the run whose training finished last (the
+        unnamed run when there is none)."""
+        if self.run is not None:
+            return self
+        names = self.catalog.run_names("train-bilevel")
+        return self.with_run(names[0] if names else None)
 
     def info(self, kind: str, *, with_hash: bool = False) -> ArtifactInfo:
         """The current artifact of a kind, schema-checked; a clear error when it is missing."""
@@ -125,6 +165,11 @@ def _holder(owner: Path) -> str:
         return ""
 
 
+def run_flag(ws: Workspace) -> str:
+    """` --run NAME` for a hint that repeats a command on this run ("" for the unnamed run)."""
+    return "" if ws.run is None else f" --run {ws.run}"
+
+
 def raw_fingerprint(path: Path) -> str:
     """A cheap identity for a raw input file: size and modification time."""
     st = path.stat()
@@ -147,7 +192,9 @@ class StageContext:
         spec = SPECS[kind]
         if spec.producer != self.stage:
             raise AssertionError(f"stage {self.stage} cannot write {kind} (produced by {spec.producer})")
-        tmp = temp_path_for(self.workspace.path(kind))
+        final = self.workspace.path(kind)
+        final.parent.mkdir(parents=True, exist_ok=True)  # runs/NAME/ on a run's first output
+        tmp = temp_path_for(final)
         self.pending[kind] = tmp
         return tmp
 
@@ -169,8 +216,8 @@ def _fingerprint(stage: str, cfg_hash: str, inputs: dict[str, str]) -> str:
 
 
 def _outputs_intact(ws: Workspace, run: RunRecord) -> bool:
-    current = ws.catalog.current_artifacts()
-    for kind, row in current.items():
+    current = ws.catalog.current_artifacts(ws.run)
+    for row in current.values():
         if row["run_id"] != run.run_id:
             continue
         path = ws.root / row["path"]
@@ -211,12 +258,14 @@ def run_stage(
         with ws.lock(lock_timeout):
             # another process may have made the same new workspace between our check and the lock
             ours = created and not ws.catalog.path.exists()
-            last = ws.catalog.last_done(stage) if same_kind is None else next(
-                (run for run in ws.catalog.runs(stage, "done") if same_kind(run)), None)
+            name = ws.run if stage in RUN_STAGES else None
+            last = ws.catalog.last_done(stage, name) if same_kind is None else next(
+                (run for run in ws.catalog.runs(stage, "done", name) if same_kind(run)), None)
             if not force and last and last.fingerprint == fingerprint and _outputs_intact(ws, last):
                 log.info("%s is up to date (run %s); use --force to redo it", stage, last.run_id)
                 return StageResult(stage, last.run_id, True, last.result)
-            run_id = ws.catalog.start_run(stage, config.model_dump(mode="json"), cfg_hash, fingerprint, inputs)
+            run_id = ws.catalog.start_run(stage, config.model_dump(mode="json"), cfg_hash, fingerprint, inputs,
+                                          name)
             parents = {k.split(":", 1)[1]: v for k, v in inputs.items() if k.startswith("artifact:")}
             ctx = StageContext(ws, stage, run_id, cfg_hash, parents)
             try:
@@ -230,7 +279,7 @@ def run_stage(
                 ws.catalog.finish_run(run_id, "interrupted" if stopped else "failed",
                                       error=str(exc) or type(exc).__name__)
                 raise
-            ws.catalog.finish_run(run_id, "done", result=result, artifacts=infos)
+            ws.catalog.finish_run(run_id, "done", result=result, artifacts=infos, run_name=name)
             return StageResult(stage, run_id, False, result)
     finally:
         if ours and not committed and ws.root.exists():
@@ -245,6 +294,7 @@ def _commit(ws: Workspace, ctx: StageContext) -> list[ArtifactInfo]:
         read_info(tmp, SPECS[kind])  # a schema error here is a bug; it must not replace a good file
     infos = []
     for kind, tmp in ctx.pending.items():
+        ws.path(kind).parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, ws.path(kind))
         infos.append(read_info(ws.path(kind), SPECS[kind], with_hash=True))
     return infos
@@ -260,11 +310,11 @@ def stage_outputs() -> dict[str, list[ArtifactSpec]]:
 
 def stage_status(ws: Workspace) -> list[dict[str, Any]]:
     """Each stage as done / stale / missing, with the reason and its last successful run."""
-    current = ws.catalog.current_artifacts()
+    current = ws.catalog.current_artifacts(ws.run)
     rows: list[dict[str, Any]] = []
     stale_kinds: set[str] = set()
     for stage, specs in stage_outputs().items():
-        last = ws.catalog.last_done(stage)
+        last = ws.catalog.last_done(stage, ws.run if stage in RUN_STAGES else None)
         row = {"stage": stage, "state": "missing", "reason": f"run `bloger {stage}`", "run_id": None,
                "finished_at": None}
         if last is not None:
@@ -290,7 +340,7 @@ def _staleness(ws: Workspace, run: RunRecord, current: dict[str, dict[str, Any]]
             return f"upstream {kind_or_path} is stale"
         elif current.get(kind_or_path, {}).get("content_hash") != fp:
             return f"upstream {kind_or_path} changed since this run"
-    for kind, row in current.items():
+    for row in current.values():
         if row["run_id"] == run.run_id:
             path = ws.root / row["path"]
             if not path.is_file():

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -89,7 +90,7 @@ def write_csv(path: Path, text: str) -> Path:
 def tiny_workspace_template(tmp_path_factory) -> Path:
     """A workspace after one good `prepare` of the tiny letter set (k-core 1/1); copy it, never modify it."""
     from bloger_cli.config import PrepareConfig
-    from bloger_cli.data import prepare
+    from bloger_cli.stages import prepare
     from bloger_cli.workspace import Workspace
 
     root = tmp_path_factory.mktemp("template")
@@ -159,7 +160,7 @@ def write_embeddings(root: Path, vectors: Any) -> None:
 def items64_workspace_template(tmp_path_factory) -> Path:
     """A prepared synthetic workspace of 64 items (k-core 1/1); copy it, never modify it."""
     from bloger_cli.config import PrepareConfig, SyntheticConfig
-    from bloger_cli.data import prepare
+    from bloger_cli.stages import prepare
     from bloger_cli.workspace import Workspace
 
     root = tmp_path_factory.mktemp("items64") / "ws"
@@ -192,7 +193,7 @@ def import_source(source: str, input: Path, items: Path | None = None) -> None:
     import duckdb
 
     from bloger_cli.config import PrepareConfig
-    from bloger_cli.data import prepare
+    from bloger_cli.stages import prepare
 
     cfg = PrepareConfig(source=source, input=input, items=items)
     files = prepare.resolve_source(cfg)
@@ -232,7 +233,7 @@ def tokenized_workspace_template(items64_workspace_template: Path, tmp_path_fact
     import numpy as np
 
     from bloger_cli.config import TokenizeConfig
-    from bloger_cli.tokenizer import stage as tokenize
+    from bloger_cli.stages import tokenize
     from bloger_cli.workspace import Workspace
 
     root = tmp_path_factory.mktemp("tokenized") / "ws"
@@ -248,7 +249,7 @@ def rqvae_workspace_template(items64_workspace_template: Path, tmp_path_factory)
     import numpy as np
 
     from bloger_cli.config import TokenizeConfig
-    from bloger_cli.tokenizer import stage as tokenize
+    from bloger_cli.stages import tokenize
     from bloger_cli.workspace import Workspace
 
     root = tmp_path_factory.mktemp("rqvae") / "ws"
@@ -278,7 +279,7 @@ def tokenized_workspace(tokenized_workspace_template: Path, tmp_path: Path) -> P
 @pytest.fixture(scope="session")
 def trained_workspace_template(tokenized_workspace_template: Path, tmp_path_factory) -> Path:
     """The tokenized workspace after a 2-epoch train-bilevel run of a tiny model (mode fixed)."""
-    from bloger_cli.training import stage as train
+    from bloger_cli.stages import train
     from bloger_cli.workspace import Workspace
 
     root = tmp_path_factory.mktemp("trained") / "ws"

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from bloger_cli.config_base import Device, StrictModel
+from bloger_cli.config_base import Device, StrictModel, device_field, seed_field
 from bloger_cli.cutoffs import DEFAULT_KS, parse_ks, positive_ks
 
 
@@ -24,7 +24,7 @@ class SASRecConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (RecBole: 0)")
 
     @model_validator(mode="after")
-    def _heads_divide_hidden(self) -> "SASRecConfig":
+    def _heads_divide_hidden(self) -> SASRecConfig:
         if self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
         return self
@@ -35,13 +35,13 @@ class BaselineConfig(StrictModel):
 
     model: Literal["sasrec", "popularity"] = Field("sasrec", description="sasrec or popularity")
     epochs: int = Field(200, ge=1, description="maximum SASRec epochs")
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, description="training samples per step")
     patience: int | None = Field(10, ge=1, description="stop after this many epochs without a better "
                                  "validation NDCG@10 (None: run every epoch)")
     k: list[int] = Field(list(DEFAULT_KS), min_length=1, description="cut-offs of the test metrics")
     eval_batch_size: int = Field(1024, ge=1, description="users per scoring batch")
-    seed: int = 42
-    device: Device = "auto"
+    seed: int = seed_field()
+    device: Device = device_field()
     sasrec: SASRecConfig = Field(default_factory=SASRecConfig)
 
     _parse_ks = field_validator("k", mode="before")(classmethod(lambda cls, value: parse_ks(value)))

@@ -7,7 +7,7 @@ hidden state at the last real item of the history; the scores of all items are i
 the (tied) item embeddings, trained with cross-entropy over the whole catalog (the "CE" loss that
 makes SASRec a strong baseline; the paper's binary loss with one sampled negative is weaker).
 
-Histories are left-aligned (padding after the last item, as RecBole and `training/data.Samples` hold
+Histories are left-aligned (padding after the last item, as RecBole and `data/samples.Samples` hold
 them), so with `is_causal` attention a real position only ever sees real, earlier items: no padding
 mask is needed, and SDPA can take its fused causal kernel. Padded positions compute garbage nobody
 reads; the user state is gathered at the last real item.
@@ -89,7 +89,7 @@ class SASRec(nn.Module):
             module.bias.data.zero_()
 
     def forward(self, history: Tensor) -> SASRecOutput:
-        """history: (B, H) item ids, left-aligned, -1 after the last item (training/data.Samples)."""
+        """history: (B, H) item ids, left-aligned, -1 after the last item (data/samples.Samples)."""
         if history.shape[1] > self.max_len:
             raise ValueError(f"history has {history.shape[1]} positions, the model was built for {self.max_len}")
         present = history >= 0  # (B, T)

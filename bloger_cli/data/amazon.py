@@ -24,15 +24,25 @@ import json
 import logging
 import re
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import duckdb
 
 from bloger_cli.config import PrepareConfig
-from bloger_cli.data.sources import (SourceFiles, SourceInfo, empty_items, first_line, quote_ident,
-                                     register_items, require_file, sql_literal, text_value)
+from bloger_cli.data.sources import (
+    SourceFiles,
+    SourceInfo,
+    empty_items,
+    first_line,
+    quote_ident,
+    register_items,
+    require_file,
+    sql_literal,
+    text_value,
+)
 from bloger_cli.errors import DataError
 
 log = logging.getLogger(__name__)

@@ -22,8 +22,15 @@ from pathlib import Path
 import duckdb
 
 from bloger_cli.config import PrepareConfig
-from bloger_cli.data.sources import (SourceFiles, SourceInfo, empty_items, find_one, first_line, require_file,
-                                     sql_literal)
+from bloger_cli.data.sources import (
+    SourceFiles,
+    SourceInfo,
+    empty_items,
+    find_one,
+    first_line,
+    require_file,
+    sql_literal,
+)
 from bloger_cli.errors import DataError
 
 log = logging.getLogger(__name__)

@@ -12,10 +12,11 @@ import hashlib
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -94,7 +95,7 @@ def hub_offline() -> bool:
     return os.environ["HF_HUB_OFFLINE"].strip().lower() in ("1", "true", "yes", "on")
 
 
-def load_model(ref: ModelRef, device: "torch.device") -> "SentenceTransformer":
+def load_model(ref: ModelRef, device: torch.device) -> SentenceTransformer:
     """The model on `device` (fp16 on CUDA); loaded once per process for each (model, device)."""
     offline = hub_offline()
     try:
@@ -108,7 +109,7 @@ def load_model(ref: ModelRef, device: "torch.device") -> "SentenceTransformer":
 
 
 @lru_cache(maxsize=2)
-def _load(source: str, device: str, offline: bool) -> "SentenceTransformer":
+def _load(source: str, device: str, offline: bool) -> SentenceTransformer:
     from sentence_transformers import SentenceTransformer
     from transformers.utils import logging as hf_logging
 
@@ -121,11 +122,11 @@ def _load(source: str, device: str, offline: bool) -> "SentenceTransformer":
     return model
 
 
-def precision(device: "torch.device") -> str:
+def precision(device: torch.device) -> str:
     return "fp16" if device.type == "cuda" else "fp32"
 
 
-def encode_batches(model: "SentenceTransformer", texts: list[str],
+def encode_batches(model: SentenceTransformer, texts: list[str],
                    batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (positions (b,), vectors (b, D) float32) over `texts`, longest first.
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import html
 import string
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 from bloger_cli.errors import ConfigError
 
@@ -41,7 +41,7 @@ class Template:
         return list(dict.fromkeys(field for _, field in self.segments))
 
     @classmethod
-    def from_fields(cls, fields: Sequence[str]) -> "Template":
+    def from_fields(cls, fields: Sequence[str]) -> Template:
         """'Title: {title}. Brand: {brand}' for ['title', 'brand'] (built directly: names need no escaping)."""
         segments = tuple((("" if i == 0 else ". ") + f"{label(f)}: ", f) for i, f in enumerate(fields))
         return cls("".join(f"{prefix}{{{f}}}" for prefix, f in segments), segments)

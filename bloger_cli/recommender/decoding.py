@@ -13,17 +13,15 @@ scorer rank on the same scale and agree whenever the beam is wide enough to keep
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from bloger_cli.errors import DataError
+from bloger_cli.recommender.model import Memory, Recommender
 from bloger_cli.recommender.vocab import PAD
-
-if TYPE_CHECKING:  # model.py imports nothing from here; the import is for annotations only
-    from bloger_cli.recommender.model import Memory, Recommender
 
 # Logit elements (B x items x L' x V) one exact-scoring call may hold: 2**26 float32 is 256 MiB.
 EXACT_BUDGET = 2 ** 26
@@ -53,7 +51,7 @@ class PrefixIndex:
     codebook_size: int  # K
 
     @classmethod
-    def build(cls, codes: Tensor, item_ids: Tensor, codebook_size: int | None = None) -> "PrefixIndex":
+    def build(cls, codes: Tensor, item_ids: Tensor, codebook_size: int | None = None) -> PrefixIndex:
         """From codes (N, L') and item ids (N,); K defaults to the largest code + 1.
 
         Sorting (torch.unique) does the work, one pass per level: nothing loops over items.
@@ -113,7 +111,7 @@ class PrefixIndex:
     def device(self) -> torch.device:
         return self.codes.device
 
-    def to(self, device: torch.device | str) -> "PrefixIndex":
+    def to(self, device: torch.device | str) -> PrefixIndex:
         def move(tensors: list[Tensor]) -> list[Tensor]:
             return [t.to(device) for t in tensors]
 

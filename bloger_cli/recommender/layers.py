@@ -11,16 +11,15 @@ gradients are taken with `create_graph=True` under `second_order()`.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-if TYPE_CHECKING:
-    from bloger_cli.recommender.model import RecommenderConfig
+from bloger_cli.recommender.config import RecommenderConfig
 
 
 @contextmanager

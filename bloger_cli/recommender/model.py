@@ -1,5 +1,5 @@
 """The recommender of DESIGN.md section 1: a compact T5-style encoder-decoder over semantic-ID tokens,
-built bottom-up. `RecommenderConfig` is the whole contract; `hf_port.to_hf_t5` copies the weights into
+built bottom-up. `RecommenderConfig` (recommender/config.py) is the whole contract; `hf_port.to_hf_t5` copies the weights into
 Hugging Face's `T5ForConditionalGeneration` and gives the same logits.
 
     RecommenderNorm         x / rms(x) * w in fp32 (T5LayerNorm: no mean, no bias)
@@ -23,62 +23,28 @@ second-order forward passes run under.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bloger_cli.recommender.layers import (RecommenderAttention, RecommenderFeedForward, RecommenderNorm,
-                                           RecommenderStack, compute_dtype, masked_bias, relative_position_bucket,
-                                           second_order)
-from bloger_cli.recommender.vocab import SPECIAL, Vocab
+from bloger_cli.recommender.config import RecommenderConfig
+from bloger_cli.recommender.layers import (
+    RecommenderAttention,
+    RecommenderFeedForward,
+    RecommenderNorm,
+    RecommenderStack,
+    compute_dtype,
+    masked_bias,
+    relative_position_bucket,
+    second_order,
+)
+from bloger_cli.recommender.vocab import SPECIAL
 
-__all__ = ["DecoderCache", "Memory", "Recommender", "RecommenderConfig", "RecommenderOutput",
-           "relative_position_bucket", "second_order"]  # the last two live in layers.py
-
-
-@dataclass
-class RecommenderConfig:
-    """Everything that fixes the model's shapes (plain values: it goes into the checkpoint)."""
-
-    levels: int  # L': tokens per item (tokenizer levels + an optional disambiguation level)
-    codebook_size: int  # K
-    soft_levels: int  # L: levels that can receive soft assignments (the tokenizer's); L' - L is 0 or 1
-    d_model: int = 128
-    num_layers: int = 4  # encoder layers
-    num_decoder_layers: int | None = None  # None: as many as the encoder
-    num_heads: int = 6
-    d_kv: int = 64
-    d_ff: int = 1024
-    dropout: float = 0.1
-    attention_dropout: float | None = None  # None: `dropout` (T5 drops attention weights too)
-    rel_buckets: int = 32
-    rel_max_distance: int = 128
-    eps: float = 1e-6
-
-    def __post_init__(self) -> None:
-        if self.levels < 1 or self.codebook_size < 1:
-            raise ValueError(f"levels ({self.levels}) and codebook_size ({self.codebook_size}) must be >= 1")
-        if self.levels - self.soft_levels not in (0, 1) or self.soft_levels < 1:
-            raise ValueError(f"soft_levels ({self.soft_levels}) must be levels ({self.levels}) or levels - 1, "
-                             "and at least 1")
-
-    @property
-    def decoder_layers(self) -> int:
-        return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
-
-    @property
-    def vocab(self) -> Vocab:
-        return Vocab(self.levels, self.codebook_size)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.vocab.size
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+__all__ = ["DecoderCache", "Memory", "Recommender", "RecommenderOutput", "relative_position_bucket",
+           "second_order"]  # the last two live in layers.py
 
 
 class Memory(NamedTuple):

@@ -81,28 +81,32 @@ def collect_runs(roots: list[Path]) -> list[ReportRun]:
 
 def _workspace_runs(ws: Workspace) -> list[ReportRun]:
     records = ws.catalog.runs(status="done")  # newest first
-    train = next((r for r in records if r.stage == "train-bilevel"), None)
-    baselines: dict[str, RunRecord] = {}
+    names = ws.catalog.run_names("train-bilevel")  # each named run (and the unnamed one) of the workspace
+    baselines: dict[tuple[str, str | None], RunRecord] = {}  # the latest of each model in each run
     for r in records:
         if r.stage == "baseline":
-            baselines.setdefault(r.config.get("model", "sasrec"), r)
-    several = (train is not None) + len(baselines) > 1
-    name = ws.root.name
+            baselines.setdefault((r.config.get("model", "sasrec"), r.run_name), r)
+    several = len(names) + len(baselines) > 1
     out = []
-    if train is not None:
+    for run_name in names:
+        train = next(r for r in records if r.stage == "train-bilevel" and r.run_name == run_name)
+        wsr = ws.with_run(run_name)
         mode = train.config.get("mode") or train.result.get("mode")
         surgery = train.config.get("bilevel", {}).get("surgery", "pcgrad")
         if mode == "bilevel" and surgery != "pcgrad":  # the pipelines' bilevel-none: another setting
             mode = f"bilevel-{surgery}"
-        run = ReportRun(f"{name} ({mode})" if several else name, ws.root, "train-bilevel", mode,
-                        train.config.get("seed"), train.run_id, train.config, train.result, None,
-                        _history(ws, "history"))
-        run.test = _test_metrics(records, train, run)
-        _codes(ws, run)
+        name = run_name or (f"{ws.root.name} ({mode})" if several else ws.root.name)
+        run = ReportRun(name, ws.root, "train-bilevel",
+                        mode, train.config.get("seed"), train.run_id, train.config, train.result, None,
+                        _history(wsr, "history"))
+        run.test = _test_metrics([r for r in records if r.run_name == run_name], train, run)
+        _codes(wsr, run)
         out.append(run)
-    for model, record in sorted(baselines.items()):
-        history = _history(ws, "baseline_history") if model == "sasrec" else None
-        out.append(ReportRun(f"{name} ({model})" if several else name, ws.root, "baseline", model,
+    for (model, _), record in sorted(baselines.items(), key=lambda item: (item[0][0], item[0][1] or "")):
+        wsb = ws.with_run(record.run_name)
+        history = _history(wsb, "baseline_history") if model == "sasrec" else None
+        name = record.run_name or (f"{ws.root.name} ({model})" if several else ws.root.name)
+        out.append(ReportRun(name, ws.root, "baseline", model,
                              record.config.get("seed"), record.run_id, record.config, record.result,
                              dict(record.result.get("metrics") or {}), history))
     return out
@@ -114,8 +118,9 @@ def _test_metrics(records: list[RunRecord], train: RunRecord, run: ReportRun) ->
         if r.stage == "evaluate" and r.result.get("split") == "test" and r.started_at and train.finished_at \
                 and r.started_at >= train.finished_at:
             return dict(r.result.get("metrics") or {})
+    named = f" --run {train.run_name}" if train.run_name else ""
     run.notes.append(f"{run.label}: no test evaluation after its training; run `bloger evaluate -w "
-                     f"{run.workspace}` (left out of the metrics table)")
+                     f"{run.workspace}{named}` (left out of the metrics table)")
     return None
 
 

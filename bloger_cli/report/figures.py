@@ -8,7 +8,8 @@ the PNG metadata), which lets a re-run leave unchanged files alone.
 from __future__ import annotations
 
 import io
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

@@ -24,9 +24,12 @@ from torch import Tensor
 
 from bloger_cli import __version__
 from bloger_cli.artifacts import SPECS, read_table
+from bloger_cli.data.samples import max_history
 from bloger_cli.errors import ArtifactError, DamagedFile
-from bloger_cli.recommender.model import Recommender, RecommenderConfig
-from bloger_cli.training.data import max_history, read_codes
+from bloger_cli.recommender.config import RecommenderConfig
+from bloger_cli.recommender.model import Recommender
+from bloger_cli.tokenizer.io import read_codes
+from bloger_cli.training.checkpoint import build_recommender, check_trained_on, load_checkpoint
 from bloger_cli.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -68,9 +71,6 @@ class Served:
 
 def from_workspace(ws: Workspace, checkpoint: Path | None) -> Served:
     """The workspace's trained model (best.pt unless `checkpoint`), checked against its sequences and IDs."""
-    from bloger_cli.evaluation import check_trained_on
-    from bloger_cli.training.checkpoint import build_model, load_checkpoint
-
     infos = ws.inputs("sequences", "items")
     path = Path(checkpoint) if checkpoint is not None else ws.path("checkpoint")
     ckpt = load_checkpoint(path)
@@ -84,7 +84,7 @@ def from_workspace(ws: Workspace, checkpoint: Path | None) -> Served:
     order = np.argsort(items.column("item_id").to_numpy())
     items = items.take(pa.array(order))
     titles = items.column("title").combine_chunks() if "title" in items.column_names else None
-    return Served(build_model(ckpt, path), codes, items.column("item_key").combine_chunks(), titles,
+    return Served(build_recommender(ckpt, path), codes, items.column("item_key").combine_chunks(), titles,
                   torch.from_numpy(items.column("n_interactions").to_numpy().astype(np.int64)),
                   max_history(infos["sequences"].path), str(path), ckpt.get("mode"))
 

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from bloger_cli.config_base import Device, StrictModel
+from bloger_cli.config_base import Device, StrictModel, device_field
 
 
 class RecommendConfig(StrictModel):
@@ -25,11 +25,11 @@ class RecommendConfig(StrictModel):
     beam: int = Field(20, ge=1, description="beam width (at least k, more when seen items are excluded)")
     decode: Literal["beam", "exact"] = Field("beam", description="exact: score every item (small catalogs)")
     batch_size: int = Field(256, ge=1, description="users per decoding batch")
-    device: Device = "auto"
+    device: Device = device_field()
     with_titles: bool = Field(False, description="add the item title (when the items have one)")
 
     @model_validator(mode="after")
-    def _one_source(self) -> "RecommendConfig":
+    def _one_source(self) -> RecommendConfig:
         if self.users is not None and self.histories is not None:
             raise ValueError("give users (--users) or histories (--histories), not both")
         if self.model is not None and self.checkpoint is not None:

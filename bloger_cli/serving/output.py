@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from bloger_cli.artifacts import temp_path_for
 from bloger_cli.errors import ConfigError
-from bloger_cli.export import SUFFIXES
+from bloger_cli.outputs import SUFFIXES
 
 
 def check_output(path: Path, force: bool, option: str = "--out") -> str:
@@ -47,7 +47,7 @@ class RowWriter:
         self._csv: pacsv.CSVWriter | None = None
         self._jsonl: IO[str] | None = None
 
-    def __enter__(self) -> "RowWriter":
+    def __enter__(self) -> RowWriter:
         if self.format == "parquet":
             self._parquet = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
         elif self.format == "csv":

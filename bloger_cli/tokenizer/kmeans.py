@@ -184,7 +184,7 @@ class RQKMeans(nn.Module):
         return self.quantizer.assign(x)[0]  # (B, L)
 
     @torch.no_grad()
-    def fit(self, x: Tensor, iters: int, generator: torch.Generator, chunk: int | None = None) -> "RQKMeans":
+    def fit(self, x: Tensor, iters: int, generator: torch.Generator, chunk: int | None = None) -> RQKMeans:
         """Fit the codebooks on (a sample of at most K x 256 of) the items."""
         rows = sample_rows(x.shape[0], self.config.codebook_size, generator)
         sample = x[rows.to(x.device)]

@@ -61,7 +61,7 @@ class RQVAEConfig:
 
     @classmethod
     def resolve(cls, input_dim: int, code_dim: int, levels: int, codebook_size: int,
-                hidden: list[int] | None, dropout: float, commitment: float) -> "RQVAEConfig":
+                hidden: list[int] | None, dropout: float, commitment: float) -> RQVAEConfig:
         widths = default_hidden(input_dim, code_dim) if hidden is None else list(hidden)
         return cls(input_dim, code_dim, levels, codebook_size, widths, dropout, commitment)
 

@@ -1,4 +1,5 @@
-"""Training the RQ-VAE tokenizer: k-means initialisation, AdamW epochs, dead-code re-seeding, early stopping.
+"""Training the RQ-VAE tokenizer: k-means initialisation, AdamW epochs, dead-code re-seeding, early stopping;
+and `fit_tokenizer`, which builds (or warm-starts) either method from a TokenizeConfig and fits it.
 
 Deterministic for a seed on a device: batches come from a seeded torch.Generator, k-means and re-seeding
 sample from the same generator, and nothing depends on wall-clock or thread timing.
@@ -8,16 +9,20 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from bloger_cli.config import TokenizeConfig
+from bloger_cli.errors import ConfigError
 from bloger_cli.nonfinite import BadSteps, finite, fix_hint, grad_norm
 from bloger_cli.progress import track
-from bloger_cli.tokenizer.kmeans import chunk_rows, residual_kmeans, sample_rows
-from bloger_cli.tokenizer.rqvae import RQVAE
+from bloger_cli.runtime import seed_everything
+from bloger_cli.tokenizer.io import load_tokenizer
+from bloger_cli.tokenizer.kmeans import RQKMeans, RQKMeansConfig, chunk_rows, residual_kmeans, sample_rows
+from bloger_cli.tokenizer.rqvae import RQVAE, RQVAEConfig
 from bloger_cli.tokenizer.semantic_ids import collision_report, prefix_groups
 
 log = logging.getLogger(__name__)
@@ -161,3 +166,48 @@ def train_rqvae(model: RQVAE, x: Tensor, cfg: TokenizeConfig, generator: torch.G
 
 def _snapshot(model: torch.nn.Module) -> dict[str, Tensor]:
     return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def new_tokenizer(cfg: TokenizeConfig, input_dim: int) -> RQVAE | RQKMeans:
+    """A freshly initialised tokenizer of the config's method and layout for `input_dim`-wide embeddings."""
+    if cfg.method == "rq-kmeans":
+        return RQKMeans(RQKMeansConfig(input_dim, cfg.levels, cfg.codebook_size))
+    return RQVAE(RQVAEConfig.resolve(input_dim, cfg.code_dim, cfg.levels, cfg.codebook_size, cfg.hidden,
+                                     cfg.dropout, cfg.commitment))
+
+
+def check_warm(model: nn.Module, cfg: TokenizeConfig, input_dim: int, path: Path) -> None:
+    """A warm-start tokenizer must have the layout the config asks for: the same method, levels, codes
+    per level and (RQ-VAE) widths, so that its IDs stay compatible."""
+    want = new_tokenizer(cfg, input_dim).config.to_dict()
+    have = model.config.to_dict()
+    method = "rq-kmeans" if isinstance(model, RQKMeans) else "rqvae"
+    diff = [f"{key} {have[key]} (config: {want[key]})" for key in ("levels", "codebook_size", "code_dim", "hidden")
+            if key in want and key in have and have[key] != want[key]]
+    if method != cfg.method:
+        diff.insert(0, f"method {method} (config: {cfg.method})")
+    if diff:
+        raise ConfigError(f"--warm-start {path} does not fit the config: {', '.join(diff)}",
+                          hint="use the earlier run's tokenize settings, or start without --warm-start")
+
+
+def fit_tokenizer(cfg: TokenizeConfig, x: torch.Tensor, device: torch.device,
+                  warm: Path | None = None) -> tuple[nn.Module, int]:
+    """A trained RQ-VAE or fitted residual k-means on `device` (from `warm`'s weights when given: an
+    RQ-VAE then trains on without k-means init, residual k-means is kept as is); returns (model, epochs run)."""
+    generator = seed_everything(cfg.seed)  # seeds the weight init too, so it comes first
+    if warm is None:
+        model = new_tokenizer(cfg, x.shape[1])
+    else:
+        model = load_tokenizer(warm, input_dim=x.shape[1]).train()
+        check_warm(model, cfg, x.shape[1], warm)
+    model = model.to(device)
+    x = x.to(device)
+    if isinstance(model, RQKMeans):
+        if warm is None:
+            model.fit(x, cfg.kmeans_iters, generator)
+        return model, 0
+    result = train_rqvae(model, x, cfg, generator, init=warm is None)
+    log.info("kept the weights of epoch %d (loss %.5f) of %d", result.best_epoch, result.best_loss,
+             result.epochs_run)
+    return model, result.epochs_run

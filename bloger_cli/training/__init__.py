@@ -1,1 +1,1 @@
-"""Training: the one loop (modes), the bi-level meta step, and the runtime (device, seeds)."""
+"""Training: the one loop (modes), the bi-level meta step, checkpoints, schedules and DDP."""

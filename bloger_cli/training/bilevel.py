@@ -20,15 +20,16 @@ run, and the official code's outlives the step (13.2 GiB, then 22.9 GiB for two 
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from bloger_cli.recommender.batch import Batch
 from bloger_cli.recommender.model import Recommender, second_order
-from bloger_cli.training.data import Batch
 
 SURGERY = ("pcgrad", "none", "official")
 Reduce = Callable[[list[Tensor]], None]  # sums tensors over data-parallel processes, in place

@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from bloger_cli.artifacts import SPECS, load_torch, save_torch, temp_path_for
+from bloger_cli.artifacts import SPECS, ArtifactInfo, load_torch, save_torch, temp_path_for
 from bloger_cli.errors import ArtifactError, ConfigError, DamagedFile
-from bloger_cli.recommender.model import Recommender, RecommenderConfig
+from bloger_cli.recommender.config import RecommenderConfig
+from bloger_cli.recommender.model import Recommender
 
 IN_PROGRESS = "training"  # WORKSPACE/training/{last,best}.pt while a run is going
 
@@ -83,7 +84,7 @@ def _load_any(path: Path) -> dict[str, Any]:
         return load_torch(path, SPECS[other])  # a renamed copy of the other kind is fine too
 
 
-def build_model(ckpt: dict[str, Any], path: Path) -> Recommender:
+def build_recommender(ckpt: dict[str, Any], path: Path) -> Recommender:
     """The recommender of a checkpoint with its weights, in eval mode on the CPU."""
     model = Recommender(RecommenderConfig(**ckpt["model_config"]))
     try:
@@ -120,3 +121,14 @@ def _config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
         elif a != b:
             out.append(f"{prefix}{key}: {a!r} then, {b!r} now")
     return "; ".join(out)
+
+
+def check_trained_on(ckpt: dict[str, Any], path: Path, sequences: ArtifactInfo) -> None:
+    """A checkpoint only fits the workspace whose sequences it was trained on: item ids mean other items
+    in another workspace, or after `prepare` re-ran."""
+    trained_on = ckpt["inputs"].get("artifact:sequences")
+    if trained_on != sequences.content_hash:
+        raise DamagedFile(
+            f"checkpoint {path} was trained on other sequences (recorded {trained_on}, "
+            f"{sequences.path} is {sequences.content_hash}): another workspace, or prepare was re-run",
+            hint="use it in its own workspace, or re-run `bloger train-bilevel` here")

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from bloger_cli.config_base import MAX_BAD_STEPS, Device, MaxBadSteps, StrictModel
+from bloger_cli.config_base import MAX_BAD_STEPS, Device, MaxBadSteps, StrictModel, device_field, seed_field
 
 
 class ModelConfig(StrictModel):
@@ -146,10 +146,10 @@ class TrainBilevelConfig(StrictModel):
 
     mode: TrainMode = Field("bilevel", description="fixed: tokenizer frozen (TIGER); joint: both on L_rec + "
                             "lam * L_tok; bilevel: the meta step (BLOGER)")
-    epochs: int = Field(200, ge=1)
-    batch_size: int = Field(256, ge=1)
-    seed: int = 42
-    device: Device = "auto"
+    epochs: int = Field(200, ge=1, description="maximum epochs")
+    batch_size: int = Field(256, ge=1, description="training samples per step")
+    seed: int = seed_field()
+    device: Device = device_field()
     warm_start: Path | None = Field(None, description="an earlier workspace or checkpoint: start the recommender "
                                     "from its weights (same model size and ID layout)")
     model: ModelConfig = Field(default_factory=ModelConfig)

@@ -40,7 +40,7 @@ class Distributed:
     local_rank: int = 0
 
     @classmethod
-    def from_env(cls) -> "Distributed":
+    def from_env(cls) -> Distributed:
         """The process group torchrun describes in the environment (joined on first use), or one process."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:

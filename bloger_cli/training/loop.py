@@ -16,17 +16,18 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from bloger_cli.config import TrainBilevelConfig
-from bloger_cli.evaluation import decode_ranks
 from bloger_cli.metrics import summarize
 from bloger_cli.progress import Bar
+from bloger_cli.recommender.batch import make_batch
 from bloger_cli.recommender.decoding import PrefixIndex
+from bloger_cli.recommender.ranking import decode_ranks
 from bloger_cli.training.bilevel import distinct_items
-from bloger_cli.training.data import make_batch
 from bloger_cli.training.distributed import Part
 from bloger_cli.training.sampler import epoch_batches
 from bloger_cli.training.state import TrainData, TrainState

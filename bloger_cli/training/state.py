@@ -12,11 +12,11 @@ from torch import Tensor, nn
 
 from bloger_cli.config import TrainBilevelConfig
 from bloger_cli.config_base import MAX_BAD_STEPS
+from bloger_cli.data.samples import Samples
 from bloger_cli.nonfinite import BadSteps
 from bloger_cli.recommender.model import Recommender
 from bloger_cli.recommender.vocab import Vocab
 from bloger_cli.training.checkpoint import rng_state, set_rng_state
-from bloger_cli.training.data import Samples
 from bloger_cli.training.distributed import Distributed
 from bloger_cli.training.schedule import Clock, Plan, lr_factor
 
@@ -37,6 +37,13 @@ class TrainData:
     def __post_init__(self) -> None:
         if self.train_lengths is None:
             self.train_lengths = self.train.lengths().cpu()
+
+    def to(self, device: torch.device) -> TrainData:
+        """The training samples, codes and embeddings on `device` (validation decodes in CPU-sized batches
+        and moves them itself)."""
+        return TrainData(Samples(*(t.to(device) for t in self.train)), self.valid, self.codes.to(device),
+                         self.item_ids, self.vocab, None if self.embeddings is None else self.embeddings.to(device),
+                         self.train_lengths, self.item_weights)
 
 
 @dataclass

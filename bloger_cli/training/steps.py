@@ -15,16 +15,17 @@ import logging
 import math
 import time
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from bloger_cli.config import TrainBilevelConfig
 from bloger_cli.nonfinite import finite, fix_hint, grad_norm
+from bloger_cli.recommender.batch import Batch, make_batch
 from bloger_cli.tokenizer.semantic_ids import SemanticIDs, semantic_ids
 from bloger_cli.training.bilevel import MetaResult, joint_loss, meta_gradients
-from bloger_cli.training.data import Batch, make_batch
 from bloger_cli.training.distributed import Part
 from bloger_cli.training.state import TrainData, TrainState
 

@@ -12,7 +12,6 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 import pytest
-
 from conftest import TINY_MODEL
 
 

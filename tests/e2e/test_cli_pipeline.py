@@ -8,7 +8,6 @@ import csv
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import TINY_MODEL
 from test_cli_prepare import as_json, bloger
 

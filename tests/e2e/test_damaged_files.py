@@ -11,7 +11,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import TINY_MODEL
 
 TRAIN = ["--mode", "fixed", "--epochs", "1", "--batch-size", "64", "--device", "cpu", *TINY_MODEL]

@@ -8,9 +8,8 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
 import pyarrow.parquet as pq
-
+import pytest
 from conftest import TINY_MODEL
 
 TOKENIZE = ["--method", "rqvae", "--levels", "2", "--codebook-size", "16", "--epochs", "10", "--seed", "3",

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY_MODEL, tree_digest
 from test_cli_prepare import bloger_command
 

@@ -43,7 +43,10 @@ def test_synthetic_reproduction_end_to_end_then_nothing_to_do(tmp_path: Path) ->
     assert "| sasrec (baseline) | 1 |" in text and "| popularity (baseline) | 1 |" in text
     html = (work / "synthetic-report" / "report.html").read_text()
     assert all(f"<td>{run}</td>" in html for run in ("fixed-s42", "bilevel-s42", "sasrec-s42", "popularity-s42"))
-    counts = {ws: len(list_runs([ws])) for ws in [work / "synthetic", *sorted((work / "synthetic-runs").iterdir())]}
+    assert not (work / "synthetic-runs").exists()  # runs, not copies of the workspace
+    assert {p.name for p in (work / "synthetic" / "runs").iterdir()} == {
+        "fixed-s42", "bilevel-s42", "sasrec-s42", "popularity-s42"}
+    counts = {ws: len(list_runs([ws])) for ws in [work / "synthetic"]}
     stamp = (results / "synthetic.md").stat().st_mtime_ns
 
     again = make(work, results)
@@ -61,18 +64,14 @@ def test_resume_continues_only_the_runs_that_were_stopped(tmp_path: Path, resume
     fake = tmp_path / "bloger"
     fake.write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
     fake.chmod(0o755)
-    (work / "synthetic").mkdir(parents=True)
-    (work / "synthetic" / "semantic_ids.parquet").touch()
-    for run in ("fixed-s42", "bilevel-s42"):
-        (work / "synthetic-runs" / run).mkdir(parents=True)
-        (work / "synthetic-runs" / run / ".upstream").touch()
-    (work / "synthetic-runs" / "fixed-s42" / "training").mkdir()
-    (work / "synthetic-runs" / "fixed-s42" / "training" / "last.pt").touch()
+    (work / "synthetic" / "runs" / "fixed-s42" / "training").mkdir(parents=True)
+    (work / "synthetic" / "runs" / "fixed-s42" / "training" / "last.pt").touch()
     out = subprocess.run(["make", "-C", str(PIPELINES), "synthetic-train", f"WORK={work}", f"BLOGER={fake}",
                           f"RESUME={resume}"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    trains = {line.split(" -w ")[1].split()[0]: line for line in log.read_text().splitlines()
+    trains = {line.split(" --run ")[1].split()[0]: line for line in log.read_text().splitlines()
               if line.startswith("train-bilevel")}
-    assert set(trains) == {str(work / "synthetic-runs" / r) for r in ("fixed-s42", "bilevel-s42")}
-    assert trains[str(work / "synthetic-runs" / "fixed-s42")].endswith("--resume") == (resume == "1")
-    assert "--resume" not in trains[str(work / "synthetic-runs" / "bilevel-s42")]
+    assert set(trains) == {"fixed-s42", "bilevel-s42"}
+    assert all(f" -w {work / 'synthetic'} " in line for line in trains.values())  # one workspace
+    assert trains["fixed-s42"].endswith("--resume") == (resume == "1")
+    assert "--resume" not in trains["bilevel-s42"]

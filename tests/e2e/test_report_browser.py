@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_train_config
 
 pytest.importorskip("matplotlib", reason="the plot extra (matplotlib) is not installed")
@@ -34,7 +33,7 @@ def chromium(*args: str) -> subprocess.CompletedProcess:
 
 def test_the_page_shows_every_run_and_its_figures(trained_workspace_template: Path, rqvae_workspace_template: Path,
                                                   items64_workspace_template: Path, tmp_path: Path, cli) -> None:
-    from bloger_cli.training import stage as train
+    from bloger_cli.stages import train
     from bloger_cli.workspace import Workspace
 
     fixed, bilevel, sasrec = tmp_path / "fixed-s42", tmp_path / "bilevel-s42", tmp_path / "sasrec-s42"

@@ -15,9 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from bloger_cli.data.samples import load_split
+from bloger_cli.recommender.batch import make_batch
 from bloger_cli.recommender.decoding import PrefixIndex, recommend
-from bloger_cli.training.checkpoint import build_model, load_checkpoint
-from bloger_cli.training.data import load_split, make_batch
+from bloger_cli.training.checkpoint import build_recommender, load_checkpoint
 
 
 def ok(result) -> dict:
@@ -62,7 +63,7 @@ def test_as_of_test_gives_exactly_evaluates_rankings(cli, trained_workspace: Pat
 
     # the pieces evaluate decodes with, called directly: the test histories, beam 20
     ckpt = load_checkpoint(ws / "best.pt")
-    model, codes = build_model(ckpt, ws / "best.pt"), ckpt["codes"].long()
+    model, codes = build_recommender(ckpt, ws / "best.pt"), ckpt["codes"].long()
     samples = load_split(ws / "sequences.parquet", "test")
     batch = make_batch(samples, codes, model.config.vocab)
     index = PrefixIndex.build(codes, torch.arange(len(codes)), model.config.vocab.codebook_size)
@@ -255,8 +256,8 @@ def test_model_file_needs_histories(cli, tmp_path: Path) -> None:
 
 def test_bilevel_run_serves_and_exports_its_trained_ids(cli, rqvae_workspace: Path, train_config,
                                                         tmp_path: Path) -> None:
-    from bloger_cli.training import stage as train
-    from bloger_cli.training.data import read_codes
+    from bloger_cli.stages import train
+    from bloger_cli.tokenizer.io import read_codes
     from bloger_cli.workspace import Workspace
 
     train.run(train_config(mode="bilevel", epochs=1), Workspace(rqvae_workspace))

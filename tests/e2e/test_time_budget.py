@@ -7,7 +7,6 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import REPO_ROOT
 from test_cli_prepare import as_json, bloger
 

@@ -13,7 +13,15 @@ from hypothesis import strategies as st
 
 from bloger_cli import __version__
 from bloger_cli.artifacts import (
-    SPECS, check_schema, copy_query, file_hash, make_metadata, read_info, read_table, temp_path_for, write_arrow,
+    SPECS,
+    check_schema,
+    copy_query,
+    file_hash,
+    make_metadata,
+    read_info,
+    read_table,
+    temp_path_for,
+    write_arrow,
 )
 from bloger_cli.errors import ArtifactError, DataError
 

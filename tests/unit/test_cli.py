@@ -54,7 +54,7 @@ def test_commands_are_the_expected_ones():
 def test_every_command_and_option_has_help(cli, name):
     command = all_commands()[name]
     assert command.help and command.help.strip(), f"`bloger {name}` has no help text"
-    undocumented = [p.opts[0] for p in command.params if isinstance(p, click.Option) and not (p.help or "").strip()]
+    undocumented = [p.opts[0] for p in command.params if p.param_type_name == "option" and not (p.help or "").strip()]
     assert undocumented == [], f"`bloger {name}` options without help: {undocumented}"
     result = cli(name, "--help")
     assert result.exit_code == 0, result.output
@@ -65,7 +65,7 @@ def test_every_command_and_option_has_help(cli, name):
 def test_app_options_have_help():
     group = typer.main.get_command(app)
     assert group.help
-    assert [p.opts[0] for p in group.params if isinstance(p, click.Option) and not p.help] == []
+    assert [p.opts[0] for p in group.params if p.param_type_name == "option" and not p.help] == []
 
 
 def test_version(cli):

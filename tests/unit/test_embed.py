@@ -19,15 +19,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import TINY_ITEMS, TINY_LETTER, write_letter
 from pydantic import ValidationError
 
 from bloger_cli.config import EmbedConfig, PrepareConfig
-from bloger_cli.data import prepare
-from bloger_cli.embed import encoder, run
+from bloger_cli.embed import encoder
 from bloger_cli.embed.text import Template, clean, default_fields, parse_template, render, resolve_template
 from bloger_cli.errors import ArtifactError, ConfigError, DataError
+from bloger_cli.stages import prepare
+from bloger_cli.stages.embed import run
 from bloger_cli.workspace import Workspace
-from conftest import TINY_ITEMS, TINY_LETTER, write_letter
 
 FIELDS = ["title", "brand", "categories"]
 DEFAULT_TEMPLATE = "Title: {title}. Brand: {brand}. Categories: {categories}"

@@ -11,7 +11,7 @@ import pytest
 
 from bloger_cli.config import EvaluateConfig
 from bloger_cli.errors import ArtifactError
-from bloger_cli.evaluation import run
+from bloger_cli.stages.evaluate import run
 from bloger_cli.workspace import Workspace
 
 
@@ -105,14 +105,14 @@ def test_decode_ranks_come_back_in_the_samples_order(trained_workspace: Path) ->
     # users are decoded grouped by history length; the ranks must still line up with the samples
     import torch
 
-    from bloger_cli.evaluation import decode_ranks
+    from bloger_cli.data.samples import load_split
     from bloger_cli.recommender.decoding import PrefixIndex
-    from bloger_cli.training.checkpoint import build_model, load_checkpoint
-    from bloger_cli.training.data import load_split
+    from bloger_cli.recommender.ranking import decode_ranks
+    from bloger_cli.training.checkpoint import build_recommender, load_checkpoint
 
     ws = Workspace(trained_workspace)
     ckpt = load_checkpoint(ws.path("checkpoint"))
-    model, codes = build_model(ckpt, ws.path("checkpoint")), ckpt["codes"].long()
+    model, codes = build_recommender(ckpt, ws.path("checkpoint")), ckpt["codes"].long()
     samples = load_split(ws.path("sequences"), "test")
     index = PrefixIndex.build(codes, torch.arange(len(codes)), model.config.codebook_size)
 

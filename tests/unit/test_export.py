@@ -19,10 +19,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from bloger_cli import export
+from bloger_cli import outputs
 from bloger_cli.artifacts import file_hash, save_torch, write_arrow
 from bloger_cli.config import ExportConfig, TokenizeConfig
 from bloger_cli.errors import ArtifactError, ConfigError, DataError
+from bloger_cli.stages import export
 from bloger_cli.workspace import Workspace, run_stage
 
 KEYS = ["2", "3", "4", "5", "10"]
@@ -320,7 +321,7 @@ def test_a_failing_write_leaves_every_existing_file_unchanged(ws, tmp_path, monk
         path.write_text('{"level":1')
         raise OSError("disk full")
 
-    monkeypatch.setitem(export.WRITERS, "jsonl", half_written)
+    monkeypatch.setitem(outputs.WRITERS, "jsonl", half_written)
     with pytest.raises(OSError, match="disk full"):
         export_ids(ws, out, codebooks=books)
     assert (out.read_bytes(), books.read_bytes(), leftovers(tmp_path)) == (b"old ids", b"old books", [])

@@ -9,15 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bloger_cli.metrics import (
-    MISS,
-    MetricAccumulator,
-    ndcg_at,
-    popularity_ranking,
-    ranks,
-    recall_at,
-    summarize,
-)
+from bloger_cli.metrics import MISS, MetricAccumulator, ndcg_at, popularity_ranking, ranks, recall_at, summarize
 
 
 def t(values: list) -> torch.Tensor:

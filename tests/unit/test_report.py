@@ -8,10 +8,8 @@ import shutil
 import sys
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import tiny_train_config
 
 pytest.importorskip("matplotlib", reason="the plot extra (matplotlib) is not installed")
@@ -23,11 +21,10 @@ NAMES = ("fixed-s42", "fixed-s43", "bilevel-s42", "sasrec-s42", "popularity")
 def report_workspaces(trained_workspace_template: Path, rqvae_workspace_template: Path,
                       items64_workspace_template: Path, tmp_path_factory) -> dict[str, Path]:
     """Two fixed runs (seeds 42, 43) and a bilevel run, all evaluated; a SASRec and a popularity baseline."""
-    from bloger_cli import evaluation
-    from bloger_cli.baseline import stage as baseline
     from bloger_cli.baseline.config import BaselineConfig, SASRecConfig
     from bloger_cli.config import EvaluateConfig
-    from bloger_cli.training import stage as train
+    from bloger_cli.stages import baseline, train
+    from bloger_cli.stages import evaluate as evaluation
     from bloger_cli.workspace import Workspace
 
     root = tmp_path_factory.mktemp("report")

@@ -39,7 +39,7 @@ def test_filters_and_several_workspaces(trained_workspace: Path, tmp_path: Path,
 
 def test_a_failed_run_shows_its_error(trained_workspace: Path, cli, monkeypatch) -> None:
     from bloger_cli.errors import DataError
-    from bloger_cli.training import stage
+    from bloger_cli.stages import train as stage
 
     def fail(*args, **kwargs):
         raise DataError("the disk is full")

@@ -14,8 +14,8 @@ import torch
 
 from bloger_cli.config import TokenizeConfig
 from bloger_cli.errors import ConfigError
-from bloger_cli.tokenizer import stage as tokenize
-from bloger_cli.training import stage as train
+from bloger_cli.stages import tokenize, train
+from bloger_cli.tokenizer.io import load_tokenizer
 from bloger_cli.training.checkpoint import load_checkpoint
 from bloger_cli.workspace import Workspace
 
@@ -42,7 +42,7 @@ def test_tokenize_warm_start_keeps_the_tokenizer_and_codes_new_content_by_it(rqv
     vectors = np.random.default_rng(7).normal(size=(64, 16))  # the items' text changed (or they are new)
     make_embeddings(later, vectors)
     tokenize.run(rqvae_config(warm_start=rqvae_workspace), Workspace(later), force=True)
-    earlier = tokenize.load_tokenizer(Workspace(rqvae_workspace))
+    earlier = load_tokenizer(Workspace(rqvae_workspace))
     expected = earlier.codes(torch.tensor(vectors, dtype=torch.float32)).numpy()
     assert np.array_equal(codes(later)[:, :2], expected)  # the earlier tokenizer's codes of the new content
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from bloger_cli.baseline import stage as baseline
 from bloger_cli.baseline.config import BaselineConfig, SASRecConfig
+from bloger_cli.data.samples import load_split, training_items
 from bloger_cli.metrics import popularity_ranking, ranks, summarize
 from bloger_cli.runs import list_runs
-from bloger_cli.training.data import load_split, training_items
+from bloger_cli.stages import baseline
 from bloger_cli.workspace import Workspace
 
 TINY = SASRecConfig(layers=1, heads=2, hidden=16, inner=32, dropout=0.0, lr=3e-3)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from bloger_cli.baseline.sasrec import SASRec
 from bloger_cli.baseline.config import SASRecConfig
+from bloger_cli.baseline.sasrec import SASRec
 
 TINY = SASRecConfig(layers=2, heads=2, hidden=8, inner=16, dropout=0.0)
 

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import exactly, import_source
 
 from bloger_cli.config import PrepareConfig
-from bloger_cli.data import prepare
 from bloger_cli.errors import DataError
+from bloger_cli.stages import prepare
 from bloger_cli.workspace import Workspace
-from conftest import exactly, import_source
 
 ARTIFACTS = ("interactions", "items", "sequences")
 

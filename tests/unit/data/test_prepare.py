@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bloger_cli.config import PrepareConfig
-from bloger_cli.data import prepare
 from bloger_cli.errors import ConfigError, DataError
+from bloger_cli.stages import prepare
 from bloger_cli.workspace import Workspace
 
 LOOSE = {"min_user_interactions": 1, "min_item_interactions": 1}

@@ -13,8 +13,8 @@ import pytest
 from pydantic import ValidationError
 
 from bloger_cli.config import PrepareConfig, SyntheticConfig, resolve_config
-from bloger_cli.data import prepare
 from bloger_cli.data.synthetic import OWN_WORDS, SHARED_WORDS, TEXT_FIELDS, TITLE_WORDS, generate
+from bloger_cli.stages import prepare
 from bloger_cli.workspace import Workspace
 
 KINDS = ("interactions", "users", "items", "sequences")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bloger_cli.errors import DataError
-from bloger_cli.recommender.decoding import (PrefixIndex, Ranking, beam_search, exact_scores, exact_topk,
-                                             recommend)
-from bloger_cli.recommender.model import Recommender, RecommenderConfig
+from bloger_cli.recommender.config import RecommenderConfig
+from bloger_cli.recommender.decoding import PrefixIndex, Ranking, beam_search, exact_scores, exact_topk, recommend
+from bloger_cli.recommender.model import Recommender
 from bloger_cli.recommender.vocab import PAD
 
 LEVELS, K = 3, 4  # L' tokens per item, K codes per level
@@ -30,7 +30,7 @@ def catalog(seed: int, n: int, levels: int = LEVELS, k: int = K) -> tuple[torch.
     return codes, item_ids
 
 
-@lru_cache(maxsize=None)
+@cache
 def tiny_model(seed: int = 0) -> Recommender:
     torch.manual_seed(seed)
     config = RecommenderConfig(levels=LEVELS, codebook_size=K, soft_levels=2, d_model=16, num_layers=2,

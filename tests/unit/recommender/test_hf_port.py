@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bloger_cli.recommender.config import RecommenderConfig
 from bloger_cli.recommender.hf_port import hf_name, to_hf_t5
-from bloger_cli.recommender.model import Recommender, RecommenderConfig, relative_position_bucket
+from bloger_cli.recommender.model import Recommender, relative_position_bucket
 from bloger_cli.recommender.vocab import EOS, PAD
 
 transformers = pytest.importorskip("transformers")
 
 
-def ported_pair(seed: int = 0) -> tuple[Recommender, "transformers.T5ForConditionalGeneration"]:
+def ported_pair(seed: int = 0) -> tuple[Recommender, transformers.T5ForConditionalGeneration]:
     """A tiny model (3 decoder layers against 2 encoder layers) with every weight perturbed (norms too)."""
     torch.manual_seed(seed)
     config = RecommenderConfig(levels=3, codebook_size=4, soft_levels=2, d_model=16, num_layers=2,

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bloger_cli.recommender.model import (DecoderCache, Memory, Recommender, RecommenderConfig,
-                                          RecommenderOutput, second_order)
+from bloger_cli.recommender.config import RecommenderConfig
+from bloger_cli.recommender.model import DecoderCache, Memory, Recommender, RecommenderOutput, second_order
 from bloger_cli.recommender.vocab import EOS, PAD
 
 LEVELS, K, SOFT = 3, 4, 2  # L' tokens per item, K codes, L soft levels

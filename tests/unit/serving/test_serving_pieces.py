@@ -14,8 +14,8 @@ import torch
 
 from bloger_cli.errors import ConfigError
 from bloger_cli.serving.output import RowWriter, check_output
-from bloger_cli.serving.recommend import drop_seen
 from bloger_cli.serving.requests import _last, new_histories
+from bloger_cli.stages.recommend import drop_seen
 
 
 def test_drop_seen_keeps_the_unseen_in_rank_order() -> None:

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from bloger_cli.errors import DataError
-from bloger_cli.tokenizer.kmeans import (RQKMeans, RQKMeansConfig, assign_nearest, kmeans, residual_kmeans,
-                                         sample_rows)
+from bloger_cli.tokenizer.kmeans import RQKMeans, RQKMeansConfig, assign_nearest, kmeans, residual_kmeans, sample_rows
 
 CENTERS = torch.tensor([[10.0, 0.0], [-10.0, 0.0], [0.0, 10.0], [0.0, -10.0]])
 

@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bloger_cli.tokenizer.rqvae import (RQVAE, RQVAEConfig, ResidualQuantizer, default_hidden,
-                                        quantization_losses, squared_distances)
+from bloger_cli.tokenizer.rqvae import (
+    RQVAE,
+    ResidualQuantizer,
+    RQVAEConfig,
+    default_hidden,
+    quantization_losses,
+    squared_distances,
+)
 
 D, d, L, K, B = 8, 4, 3, 4, 5
 

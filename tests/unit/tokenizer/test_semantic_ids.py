@@ -11,8 +11,7 @@ from hypothesis import strategies as st
 
 from bloger_cli.errors import DataError
 from bloger_cli.tokenizer.rqvae import RQVAE, RQVAEConfig
-from bloger_cli.tokenizer.semantic_ids import (assign_all, collision_report, disambiguate, level_stats,
-                                               prefix_groups)
+from bloger_cli.tokenizer.semantic_ids import assign_all, collision_report, disambiguate, level_stats, prefix_groups
 
 
 def t(rows: list[list[int]]) -> torch.Tensor:

@@ -19,9 +19,10 @@ import pytest
 from bloger_cli.artifacts import SPECS, load_torch
 from bloger_cli.config import TokenizeConfig
 from bloger_cli.errors import ArtifactError, DataError
+from bloger_cli.stages.tokenize import run
+from bloger_cli.tokenizer.io import load_tokenizer, read_embeddings
 from bloger_cli.tokenizer.kmeans import RQKMeans
 from bloger_cli.tokenizer.rqvae import RQVAE
-from bloger_cli.tokenizer.stage import load_tokenizer, read_embeddings, run
 from bloger_cli.workspace import Workspace
 
 N, D, L, K = 64, 8, 3, 8
@@ -180,7 +181,7 @@ def test_hidden_widths_must_be_positive():
 def test_embeddings_of_another_item_set_are_refused(ws):
     """prepare re-run on other data after embed: the embeddings no longer belong to the items."""
     from bloger_cli.config import PrepareConfig, SyntheticConfig
-    from bloger_cli.data import prepare
+    from bloger_cli.stages import prepare
 
     other = SyntheticConfig(users=100, items=64, categories=8, interactions=1000, seed=1)
     prepare.run(PrepareConfig(source="synthetic", synthetic=other, min_user_interactions=1,

@@ -4,11 +4,11 @@ models (float64, look-ahead step 0.5) on a global batch of 3 samples split 2 + 1
 import sys
 
 import torch
-
-from bloger_cli.training.bilevel import distinct_items, meta_gradients
-from bloger_cli.training.data import Batch
-from bloger_cli.training.distributed import Distributed
 from test_bilevel import setup
+
+from bloger_cli.recommender.batch import Batch
+from bloger_cli.training.bilevel import distinct_items, meta_gradients
+from bloger_cli.training.distributed import Distributed
 
 dist = Distributed.from_env()
 tokenizer, model, x, batch, _ = setup(torch.float64)

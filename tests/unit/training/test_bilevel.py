@@ -12,12 +12,21 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from bloger_cli.recommender.model import Recommender, RecommenderConfig, second_order
+from bloger_cli.data.samples import Samples
+from bloger_cli.recommender.batch import Batch, make_batch
+from bloger_cli.recommender.config import RecommenderConfig
+from bloger_cli.recommender.model import Recommender, second_order
 from bloger_cli.recommender.vocab import SPECIAL, Vocab
 from bloger_cli.tokenizer.rqvae import RQVAE, RQVAEConfig
-from bloger_cli.training.bilevel import (MetaResult, batch_items, joint_loss, meta_gradients, mixed_probs, rec_loss,
-                                         surgery)
-from bloger_cli.training.data import Batch, Samples, make_batch
+from bloger_cli.training.bilevel import (
+    MetaResult,
+    batch_items,
+    joint_loss,
+    meta_gradients,
+    mixed_probs,
+    rec_loss,
+    surgery,
+)
 
 L, K, N, D = 2, 4, 7, 8  # tokenizer levels, codes per level, items, embedding width
 HISTORY = [[1, 2, -1], [3, 4, 5], [6, -1, -1], [2, 2, 4]]  # item 0 is in no batch; item 2 twice in row 3

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow as pa
 import torch
 
+from bloger_cli.data.samples import Samples, _pad_lists, load_split, training_items
+from bloger_cli.recommender.batch import make_batch
 from bloger_cli.recommender.vocab import EOS, PAD, Vocab
-from bloger_cli.training.data import Samples, _pad_lists, load_split, make_batch, training_items
-
-import pyarrow as pa
 
 
 def test_splits_follow_leave_one_out(tiny_workspace: Path) -> None:

@@ -12,11 +12,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import TINY_MODEL
 
 from bloger_cli.artifacts import SPECS, load_torch
 from bloger_cli.training.checkpoint import load_checkpoint
 from bloger_cli.training.distributed import Distributed
-from conftest import TINY_MODEL
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="this torch build has no gloo backend")
@@ -49,9 +49,10 @@ def _launch(*args: str) -> subprocess.CompletedProcess:
 def test_the_all_reduced_meta_gradient_is_the_single_process_one(tmp_path: Path) -> None:
     """Inner gradient, v and the tokenizer gradient summed over ranks with their shares: the same
     second-order gradient as one process on the whole batch (float64, a large look-ahead step)."""
-    from bloger_cli.training.data import Batch
-    from bloger_cli.training.bilevel import meta_gradients
     from test_bilevel import setup
+
+    from bloger_cli.recommender.batch import Batch
+    from bloger_cli.training.bilevel import meta_gradients
 
     _launch(str(Path(__file__).with_name("meta_worker.py")), str(tmp_path / "meta.pt"))
     got = torch.load(tmp_path / "meta.pt")

@@ -15,12 +15,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import TINY_MODEL
 
 from bloger_cli.errors import Interrupted
-from bloger_cli.training import stage as train
+from bloger_cli.stages import train
 from bloger_cli.training.checkpoint import in_progress_dir, load_checkpoint
 from bloger_cli.workspace import Workspace
-from conftest import TINY_MODEL
 
 
 def _same_training(one: Path, two: Path) -> None:

@@ -39,12 +39,15 @@ def test_epoch_order_depends_only_on_seed_and_epoch() -> None:
 
 def two_steps(dropout: float = 0.0) -> list[float]:
     """Two fixed-mode steps of a tiny seeded model on hand-built samples; returns both losses."""
-    from bloger_cli.recommender.model import Recommender, RecommenderConfig
+    from conftest import tiny_train_config
+
+    from bloger_cli.data.samples import Samples
+    from bloger_cli.recommender.batch import make_batch
+    from bloger_cli.recommender.config import RecommenderConfig
+    from bloger_cli.recommender.model import Recommender
     from bloger_cli.recommender.vocab import Vocab
-    from bloger_cli.training.data import Samples, make_batch
     from bloger_cli.training.state import new_state
     from bloger_cli.training.steps import fixed_step
-    from conftest import tiny_train_config
 
     cfg = tiny_train_config(batch_size=4, model={"d_model": 16, "num_layers": 1, "num_heads": 2, "d_kv": 8,
                                                  "d_ff": 32, "dropout": dropout})

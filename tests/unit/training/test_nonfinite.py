@@ -15,7 +15,7 @@ import torch
 from bloger_cli.artifacts import SPECS, load_torch
 from bloger_cli.errors import Diverged
 from bloger_cli.recommender.model import Recommender
-from bloger_cli.training import stage as train
+from bloger_cli.stages import train
 from bloger_cli.training import steps as steps_module
 from bloger_cli.training.checkpoint import load_checkpoint
 from bloger_cli.workspace import Workspace
@@ -44,9 +44,10 @@ def digest(path: Path) -> str:
 
 def tiny_state(cfg):
     """A seeded tiny recommender, its fresh optimiser state, and one batch of 4 samples."""
-    from bloger_cli.recommender.model import RecommenderConfig
+    from bloger_cli.data.samples import Samples
+    from bloger_cli.recommender.batch import make_batch
+    from bloger_cli.recommender.config import RecommenderConfig
     from bloger_cli.recommender.vocab import Vocab
-    from bloger_cli.training.data import Samples, make_batch
     from bloger_cli.training.state import new_state
 
     codes = torch.stack([torch.arange(6) % 4, torch.arange(6) // 4, torch.arange(6)], dim=1)  # (6, 3)

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from bloger_cli.recommender.model import Recommender, RecommenderConfig
+from bloger_cli.data.samples import Samples, load_split
+from bloger_cli.recommender.batch import make_batch
+from bloger_cli.recommender.config import RecommenderConfig
+from bloger_cli.recommender.model import Recommender
 from bloger_cli.recommender.vocab import Vocab
-from bloger_cli.training.data import Samples, load_split, make_batch
 from bloger_cli.training.sampler import epoch_batches, padding_waste
 
 
@@ -48,7 +50,7 @@ def test_beauty_padding_waste_is_under_ten_percent(shared_datasets, tmp_path) ->
     from conftest import require_dataset
 
     from bloger_cli.config import PrepareConfig
-    from bloger_cli.data import prepare
+    from bloger_cli.stages import prepare
     from bloger_cli.workspace import Workspace
 
     folder = require_dataset("beauty")

@@ -10,7 +10,7 @@ import torch
 
 from bloger_cli.artifacts import SPECS, load_torch
 from bloger_cli.errors import ConfigError
-from bloger_cli.training import stage as train
+from bloger_cli.stages import train
 from bloger_cli.training.checkpoint import load_checkpoint
 from bloger_cli.workspace import Workspace
 

@@ -10,13 +10,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from test_stage import Killed, _kill_after_first_epoch
 
 from bloger_cli.artifacts import SPECS, load_torch
 from bloger_cli.errors import ArtifactError, ConfigError
-from bloger_cli.training import stage as train
+from bloger_cli.stages import train
+from bloger_cli.training import setup
 from bloger_cli.training.checkpoint import load_checkpoint
 from bloger_cli.workspace import Workspace
-from test_stage import Killed, _kill_after_first_epoch
 
 
 def bilevel_config(train_config, **overrides):
@@ -48,8 +49,8 @@ def test_bilevel_trains_the_tokenizer_and_records_each_update(rqvae_workspace: P
     assert torch.equal(best["codes"].long(), torch.tensor(trained))  # the IDs the best model decodes with
     assert len({tuple(c) for c in trained}) == 64  # still one-to-one
     # the IDs are those of the trained tokenizer
+    from bloger_cli.tokenizer.io import load_tokenizer, read_embeddings
     from bloger_cli.tokenizer.semantic_ids import semantic_ids
-    from bloger_cli.tokenizer.stage import load_tokenizer, read_embeddings
 
     item_ids, x = read_embeddings(ws.path("embeddings"))
     again = semantic_ids(load_tokenizer(ws.path("trained_tokenizer"), input_dim=16), x, item_ids, 16,
@@ -118,7 +119,7 @@ def test_tokenizer_trained_on_other_embeddings_is_refused(rqvae_workspace: Path,
         train.run(bilevel_config(train_config), Workspace(rqvae_workspace))
     with pytest.raises(ArtifactError, match=r"trained on 16-d embeddings, but the embeddings are 8-d"):
         ws = Workspace(rqvae_workspace)  # past the lineage check: the tokenizer's own dimension check
-        train.load_tokenizer_side(bilevel_config(train_config), {k: ws.info(k) for k in ("tokenizer", "embeddings")}, 64)
+        setup.load_tokenizer_side(bilevel_config(train_config), {k: ws.info(k) for k in ("tokenizer", "embeddings")}, 64)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -142,16 +143,18 @@ def test_bad_bilevel_options_are_usage_errors(cli, rqvae_workspace: Path, args, 
 
 def test_frozen_tokenizer_leaves_churn_at_zero_and_ids_bit_for_bit(rqvae_workspace: Path, train_config) -> None:
     # re-coding with an unchanged tokenizer: nothing moves, not even a disambiguation code
+    from bloger_cli.recommender.config import RecommenderConfig
+    from bloger_cli.recommender.model import Recommender
     from bloger_cli.training.state import new_state
     from bloger_cli.training.steps import churn, commit_codes, recode
 
     cfg = bilevel_config(train_config)
     ws = Workspace(rqvae_workspace)
-    data, soft = train.load_data(cfg, {k: ws.info(k) for k in ("sequences", "semantic_ids")})
-    tokenizer, data.embeddings = train.load_tokenizer_side(cfg, {k: ws.info(k) for k in ("tokenizer", "embeddings")},
+    data, soft = setup.load_data(cfg, {k: ws.info(k) for k in ("sequences", "semantic_ids")})
+    tokenizer, data.embeddings = setup.load_tokenizer_side(cfg, {k: ws.info(k) for k in ("tokenizer", "embeddings")},
                                                            len(data.codes))
-    model = train.Recommender(train.RecommenderConfig(levels=data.vocab.levels, codebook_size=16, soft_levels=soft,
-                                                      **cfg.model.model_dump()))
+    model = Recommender(RecommenderConfig(levels=data.vocab.levels, codebook_size=16, soft_levels=soft,
+                                          **cfg.model.model_dump()))
     state = new_state(model, cfg, 1, tokenizer)
     before = data.codes.clone()
     row = commit_codes(state, data, recode(state, data), remember=True)

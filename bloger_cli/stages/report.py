@@ -6,10 +6,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from bloger_cli.report.config import ReportConfig
 from bloger_cli.errors import ConfigError
-from bloger_cli.report.collect import (collect_runs, config_differences, shared_ks, summarize_modes,
-                                       tokenize_before)
+from bloger_cli.report.collect import collect_runs, config_differences, shared_ks, summarize_modes, tokenize_before
+from bloger_cli.report.config import ReportConfig
 from bloger_cli.report.figures import FIGURES, require_matplotlib
 from bloger_cli.report.html import page
 from bloger_cli.report.results import results_data, write_if_changed, write_results

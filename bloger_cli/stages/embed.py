@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +26,7 @@ from bloger_cli.embed import encoder, matrix
 from bloger_cli.embed.cache import TextCache, text_hash
 from bloger_cli.embed.text import Template, render_texts, resolve_template
 from bloger_cli.errors import DataError
-from bloger_cli.training.runtime import resolve_device
+from bloger_cli.runtime import resolve_device
 from bloger_cli.workspace import StageContext, StageResult, Workspace, raw_fingerprint, run_stage
 
 log = logging.getLogger(__name__)

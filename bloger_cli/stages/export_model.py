@@ -38,7 +38,7 @@ def run(cfg: ExportModelConfig, ws: Workspace, *, force: bool = False) -> dict[s
     """Export the workspace's model (best.pt unless cfg.checkpoint) as cfg.format to cfg.out."""
     started = time.perf_counter()
     _check_out(cfg.out, cfg.format, force)
-    served = from_workspace(ws, cfg.checkpoint)
+    served = from_workspace(ws.latest_run(), cfg.checkpoint)
     tmp = temp_path_for(cfg.out)
     try:
         if cfg.format == "torch":

@@ -14,87 +14,24 @@ from typing import Any
 
 import pyarrow as pa
 import torch
-from torch import Tensor
 
-from bloger_cli.artifacts import SPECS, ArtifactInfo, file_hash, write_arrow
+from bloger_cli.artifacts import SPECS, file_hash, write_arrow
 from bloger_cli.config import EvaluateConfig
-from bloger_cli.errors import ArtifactError, DamagedFile
-from bloger_cli.metrics import MetricAccumulator, popularity_ranking, ranks, summarize
-from bloger_cli.progress import Bar
-from bloger_cli.recommender.decoding import PrefixIndex, Ranking, recommend
-from bloger_cli.recommender.model import Recommender
-from bloger_cli.recommender.vocab import Vocab
-from bloger_cli.training.data import Samples, load_split, make_batch, training_items
-from bloger_cli.training.runtime import resolve_device
+from bloger_cli.data.samples import load_split, training_items
+from bloger_cli.metrics import popularity_ranking, ranks, summarize
+from bloger_cli.recommender.decoding import PrefixIndex
+from bloger_cli.recommender.ranking import decode_ranks
+from bloger_cli.runtime import resolve_device
+from bloger_cli.training.checkpoint import build_recommender, check_trained_on, load_checkpoint
 from bloger_cli.workspace import StageContext, StageResult, Workspace, raw_fingerprint, run_stage
 
 log = logging.getLogger(__name__)
 
 
-def clamp_beam(beam: int, k: int, num_items: int) -> tuple[int, int]:
-    """(beam, k) that decoding can honour: a beam wider than the catalog is the catalog (logged)."""
-    if beam > num_items:
-        log.warning("beam %d is larger than the catalog (%d items): decoding with beam %d", beam, num_items,
-                    num_items)
-        beam = num_items
-    return beam, min(k, beam)
-
-
-@torch.no_grad()
-def rank_histories(model: Recommender, history: Tensor, codes: Tensor, vocab: Vocab, index: PrefixIndex, *,
-                   k: int, beam: int, method: str) -> Ranking:
-    """The model's top-k items for each history (B, H) of item ids (-1 = padding), on the model's device.
-
-    The one decoder behind `evaluate` (which scores the ranking) and `recommend` (which serves it), so
-    both rank a given history identically. The caller sets eval mode and clamps the beam.
-    """
-    unused = torch.zeros(len(history), dtype=torch.long, device=history.device)  # (B,) no target needed
-    batch = make_batch(Samples(unused, history, unused), codes, vocab)
-    return recommend(model, batch.input_ids, batch.attention_mask, index, k=k, beam=beam, method=method)
-
-
-@torch.no_grad()
-def decode_ranks(model: Recommender, samples: Samples, codes: Tensor, vocab: Vocab, index: PrefixIndex, *,
-                 k: int, beam: int, method: str, batch_size: int, device: torch.device,
-                 description: str = "decoding") -> Tensor:
-    """The 0-based rank of each sample's target in the model's top-k (metrics.MISS when absent)."""
-    was_training = model.training
-    model.eval()
-    if method == "beam":
-        beam, k = clamp_beam(beam, k, index.num_items)
-    codes = codes.to(device)
-    acc = MetricAccumulator()
-    order = torch.argsort(samples.lengths(), stable=True)  # users of similar history length share a batch
-    samples = samples.select(order)
-    with Bar(-(-len(samples) // batch_size), description) as bar:
-        for start in range(0, len(samples), batch_size):
-            part = samples.select(torch.arange(start, min(start + batch_size, len(samples))))
-            part = part.trim(max(1, int(part.lengths().max())))  # the batch's longest history, no more
-            ranking = rank_histories(model, part.history.to(device), codes, vocab, index, k=k, beam=beam,
-                                     method=method)
-            acc.update(ranking.items.cpu(), part.target)
-            bar.advance()
-    model.train(was_training)
-    rank = torch.empty_like(acc.rank)
-    rank[order] = acc.rank  # back to the samples' order
-    return rank
-
-
-def check_trained_on(ckpt: dict[str, Any], path: Path, sequences: ArtifactInfo) -> None:
-    """A checkpoint only fits the workspace whose sequences it was trained on: item ids mean other items
-    in another workspace, or after `prepare` re-ran."""
-    trained_on = ckpt["inputs"].get("artifact:sequences")
-    if trained_on != sequences.content_hash:
-        raise DamagedFile(
-            f"checkpoint {path} was trained on other sequences (recorded {trained_on}, "
-            f"{sequences.path} is {sequences.content_hash}): another workspace, or prepare was re-run",
-            hint="use it in its own workspace, or re-run `bloger train-bilevel` here")
-
-
 def run(cfg: EvaluateConfig, ws: Workspace, *, force: bool = False, lock_timeout: float = 60.0) -> StageResult:
-    """Evaluate a checkpoint (default: the workspace's best.pt) on the test or validation users."""
-    from bloger_cli.training.checkpoint import load_checkpoint
-
+    """Evaluate a checkpoint (default: the run's best.pt; the latest run unless one is named) on the test
+    or validation users."""
+    ws = ws.latest_run()
     sequences = ws.inputs("sequences")["sequences"]
     path = Path(cfg.checkpoint) if cfg.checkpoint is not None else ws.path("checkpoint")
     ckpt = load_checkpoint(path)
@@ -108,11 +45,9 @@ def run(cfg: EvaluateConfig, ws: Workspace, *, force: bool = False, lock_timeout
 
 def _evaluate(ctx: StageContext, cfg: EvaluateConfig, ckpt: dict[str, Any], path: Path,
               sequences: Path) -> dict[str, Any]:
-    from bloger_cli.training.checkpoint import build_model
-
     started = time.perf_counter()
     device = resolve_device(cfg.device)
-    model = build_model(ckpt, path).to(device)
+    model = build_recommender(ckpt, path).to(device)
     codes = ckpt["codes"].long()  # (N, L') the IDs the model was trained with
     item_ids = torch.arange(len(codes))
     vocab = model.config.vocab

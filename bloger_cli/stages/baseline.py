@@ -1,6 +1,6 @@
 """`bloger baseline`: SASRec or popularity on exactly the workspace's leave-one-out split.
 
-The same training samples (`training/data.load_split`), the same validation and test targets, the same
+The same training samples (`data/samples.load_split`), the same validation and test targets, the same
 item-level metrics (`metrics.py`) and cut-offs as `bloger evaluate`, so the numbers sit in one table with
 the generative runs. Ranking is over every item by score; a user's history items are NOT removed from
 the ranking, because the generative `evaluate` does not remove them either (and RecBole's full-sort
@@ -25,12 +25,12 @@ import torch
 from torch.nn import functional as F
 
 from bloger_cli.artifacts import SPECS, read_table, save_torch, write_arrow
-from bloger_cli.baseline.sasrec import SASRec, num_parameters
 from bloger_cli.baseline.config import BaselineConfig
+from bloger_cli.baseline.sasrec import SASRec, num_parameters
+from bloger_cli.data.samples import Samples, load_split, max_history, training_items
 from bloger_cli.metrics import MetricAccumulator, popularity_ranking, ranks, summarize
 from bloger_cli.progress import Bar
-from bloger_cli.training.data import Samples, load_split, max_history, training_items
-from bloger_cli.training.runtime import resolve_device, seed_everything
+from bloger_cli.runtime import resolve_device, seed_everything
 from bloger_cli.workspace import StageContext, StageResult, Workspace, run_stage
 
 log = logging.getLogger(__name__)

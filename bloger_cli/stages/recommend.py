@@ -22,15 +22,15 @@ import torch
 from torch import Tensor
 
 from bloger_cli.errors import ConfigError
-from bloger_cli.evaluation import rank_histories
 from bloger_cli.progress import Bar
 from bloger_cli.recommender.decoding import PrefixIndex
 from bloger_cli.recommender.model import Recommender
+from bloger_cli.recommender.ranking import rank_histories
+from bloger_cli.runtime import resolve_device
 from bloger_cli.serving.bundle import Served, from_file, from_workspace
 from bloger_cli.serving.config import RecommendConfig
 from bloger_cli.serving.output import RowWriter, check_output
 from bloger_cli.serving.requests import Requests, new_histories, workspace_users
-from bloger_cli.training.runtime import resolve_device
 from bloger_cli.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def run(cfg: RecommendConfig, ws: Workspace | None, *, force: bool = False) -> d
     if cfg.k < 1:
         raise ConfigError(f"--k {cfg.k}: must be at least 1")
     fmt = check_output(cfg.out, force)
-    served = from_file(cfg.model) if cfg.model is not None else from_workspace(ws, cfg.checkpoint)
+    served = from_file(cfg.model) if cfg.model is not None else from_workspace(ws.latest_run(), cfg.checkpoint)
     if cfg.k > served.num_items:
         raise ConfigError(f"--k {cfg.k} is larger than the catalog ({served.num_items} items)")
     if cfg.histories is not None:
