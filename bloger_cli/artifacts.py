@@ -8,9 +8,13 @@ temporary file in the destination directory; the stage runner renames it into pl
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bloger_cli import __version__
-from bloger_cli.errors import ArtifactError
+from bloger_cli.errors import ArtifactError, DamagedFile, WriteFailed
 
 SCHEMA_VERSION_KEY = "bloger.schema_version"
 RUN_STAGES = frozenset({"train-bilevel", "evaluate", "baseline"})  # their outputs live per run
@@ -177,13 +181,13 @@ def check_schema(path: Path, schema: pa.Schema, spec: ArtifactSpec) -> None:
     actual = {f.name: f.type for f in schema}
     for expected in spec.schema:
         if expected.name not in actual:
-            raise ArtifactError(
+            raise DamagedFile(
                 f"{path}: missing column {expected.name!r} (expected {expected.type}); "
                 f"columns are {', '.join(actual) or 'none'}",
                 hint=fix,
             )
         if not _same_type(actual[expected.name], expected.type):
-            raise ArtifactError(
+            raise DamagedFile(
                 f"{path}: column {expected.name!r} has type {actual[expected.name]}, expected {expected.type}",
                 hint=fix,
             )
@@ -192,7 +196,7 @@ def check_schema(path: Path, schema: pa.Schema, spec: ArtifactSpec) -> None:
             continue
         if spec.extra_type is None or not _same_type(dtype, spec.extra_type):
             allowed = f"extra columns must be {spec.extra_type}" if spec.extra_type else "no extra columns allowed"
-            raise ArtifactError(f"{path}: unexpected column {name!r} of type {dtype} ({allowed})", hint=fix)
+            raise DamagedFile(f"{path}: unexpected column {name!r} of type {dtype} ({allowed})", hint=fix)
 
 
 def file_hash(path: Path) -> str:
@@ -226,7 +230,7 @@ def read_info(path: Path, spec: ArtifactSpec, *, with_hash: bool = False) -> Art
     try:
         md = pq.read_metadata(path)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise ArtifactError(f"{path} is not a readable Parquet file ({exc})",
+        raise DamagedFile(f"{path} is not a readable Parquet file ({exc})",
                             hint=f"re-run `bloger {spec.producer} --force`") from None
     kv = {k.decode(): v.decode() for k, v in (md.metadata or {}).items()}
     _check_kv(path, spec, kv)
@@ -237,10 +241,10 @@ def read_info(path: Path, spec: ArtifactSpec, *, with_hash: bool = False) -> Art
 def _check_kv(path: Path, spec: ArtifactSpec, kv: dict[str, str]) -> None:
     fix = f"re-run `bloger {spec.producer} --force`"
     if kv.get("bloger.kind") != spec.kind:
-        raise ArtifactError(f"{path} is not a bloger {spec.kind} artifact (kind {kv.get('bloger.kind')!r})",
+        raise DamagedFile(f"{path} is not a bloger {spec.kind} artifact (kind {kv.get('bloger.kind')!r})",
                             hint=fix)
     if kv.get(SCHEMA_VERSION_KEY) != str(spec.version):
-        raise ArtifactError(
+        raise DamagedFile(
             f"{path} has schema version {kv.get(SCHEMA_VERSION_KEY)}, this bloger reads version {spec.version}",
             hint=fix,
         )
@@ -263,10 +267,11 @@ def load_torch(path: Path, spec: ArtifactSpec) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
-        raise ArtifactError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})",
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""  # torch's run over many lines
+        raise DamagedFile(f"{path} is not a readable checkpoint ({type(exc).__name__}: {reason})",
                             hint=f"re-run `bloger {spec.producer} --force`") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("metadata"), dict):
-        raise ArtifactError(f"{path} is not a bloger {spec.kind} checkpoint (no metadata)",
+        raise DamagedFile(f"{path} is not a bloger {spec.kind} checkpoint (no metadata)",
                             hint=f"re-run `bloger {spec.producer} --force`")
     _check_kv(path, spec, ckpt["metadata"])
     return ckpt
@@ -281,21 +286,48 @@ def save_torch(ckpt: dict[str, Any], path: Path, metadata: dict[str, str]) -> No
     """Save a checkpoint dict with the artifact metadata (the caller picks a temporary path)."""
     import torch
 
-    torch.save({**ckpt, "metadata": metadata}, path)
+    with writing(path, RuntimeError):  # torch reports a failed write as a RuntimeError, without errno
+        torch.save({**ckpt, "metadata": metadata}, path)
 
 
 def write_arrow(table: pa.Table, path: Path, metadata: dict[str, str]) -> None:
     """Write an Arrow table with footer metadata (the caller picks a temporary path)."""
     existing = table.schema.metadata or {}
     table = table.replace_schema_metadata({**existing, **{k.encode(): v.encode() for k, v in metadata.items()}})
-    pq.write_table(table, path, compression="zstd")
+    with writing(path):
+        pq.write_table(table, path, compression="zstd")
 
 
 def copy_query(con: Any, query: str, path: Path, metadata: dict[str, str]) -> None:
     """Let DuckDB write a query's result straight to Parquet with footer metadata (no Python rows)."""
+    import duckdb
+
     kv = ", ".join(f"'{k}': '{sql_str(v)}'" for k, v in metadata.items())
-    con.execute(f"COPY ({query}) TO '{sql_str(str(path))}' "
-                f"(FORMAT parquet, COMPRESSION zstd, KV_METADATA {{{kv}}})")
+    with writing(path, duckdb.IOException):
+        con.execute(f"COPY ({query}) TO '{sql_str(str(path))}' "
+                    f"(FORMAT parquet, COMPRESSION zstd, KV_METADATA {{{kv}}})")
+
+
+TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")  # temp_path_for's names
+
+
+@contextmanager
+def writing(path: Path, *also: type[Exception]) -> Iterator[None]:
+    """A write of `path` that fails midway (disk full, a file size limit, a read-only place) removes the
+    partial file and raises WriteFailed naming the file it was for; `also`: a writer's own exception
+    types for a failed write."""
+    failures: tuple[type[Exception], ...] = (OSError, *also)
+    try:
+        yield
+    except failures as exc:
+        path.unlink(missing_ok=True)
+        match = TEMP_NAME.match(path.name)
+        target = path.with_name(match["name"]) if match else path
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+        raise WriteFailed(f"cannot write {target}: {reason}" + (" (disk full?)" if full else ""),
+                          hint="free space or make the place writable, then run the command again; earlier "
+                               "artifacts are as they were") from None
 
 
 def sql_str(text: str) -> str:

@@ -21,9 +21,16 @@ import duckdb
 
 from bloger_cli import __version__
 from bloger_cli.artifacts import SPECS, ArtifactInfo
-from bloger_cli.errors import WorkspaceBusy, WorkspaceError
+from bloger_cli.errors import DamagedFile, WorkspaceBusy, WorkspaceError
 
 log = logging.getLogger(__name__)
+
+# The catalog's own format: bump it when a change of the tables would mislead an older bloger, which then
+# refuses the file instead of misreading it. Catalogs from before the format table count as format 1.
+CATALOG_FORMAT = 1
+# A catalog is never a reason to download anything: DuckDB would fetch an extension to open a SQLite file.
+_NO_EXTENSIONS: dict[str, str | bool | int | float | list[str]] = {"autoinstall_known_extensions": False,
+                                                                  "autoload_known_extensions": False}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -81,18 +88,41 @@ class Catalog:
         deadline = time.monotonic() + self.busy_timeout
         while True:
             try:
-                con = duckdb.connect(str(self.path), read_only=read_only)
+                con = duckdb.connect(str(self.path), read_only=read_only, config=_NO_EXTENSIONS)
                 break
-            except duckdb.IOException as exc:
-                if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+            except duckdb.Error as exc:
+                if "lock" not in str(exc).lower():
+                    raise self._unreadable(exc) from None
+                if time.monotonic() > deadline:
                     raise WorkspaceBusy(f"cannot open {self.path}: {exc}") from None
                 time.sleep(0.1)
         try:
+            self._check_format(con, read_only)
             if not read_only:
                 con.execute(_SCHEMA)
             yield con
         finally:
             con.close()
+
+    def _unreadable(self, exc: Exception) -> Exception:
+        """The error for a catalog DuckDB cannot open: another kind of file, or a newer DuckDB's."""
+        first = str(exc).splitlines()[0]
+        if "version" in first.lower():
+            return WorkspaceError(f"{self.path} was written by a newer DuckDB ({first})",
+                                  hint="upgrade bloger (pip install -U bloger)")
+        return DamagedFile(f"{self.path} is not a bloger catalog (not a DuckDB database)",
+                           hint="move it away and re-run the stages from `bloger prepare`")
+
+    def _check_format(self, con: duckdb.DuckDBPyConnection, read_only: bool) -> None:
+        """Refuse a catalog of a newer format before reading or writing it; stamp a new one."""
+        known = _scalar(con, "SELECT count(*) FROM information_schema.tables WHERE table_name = 'bloger_catalog'")
+        found = _scalar(con, "SELECT max(format) FROM bloger_catalog") if known else None
+        if found is not None and found > CATALOG_FORMAT:
+            raise WorkspaceError(f"{self.path} has catalog format {found}, this bloger reads format "
+                                 f"{CATALOG_FORMAT} or older", hint="upgrade bloger (pip install -U bloger)")
+        if found is None and not read_only:
+            con.execute("CREATE TABLE IF NOT EXISTS bloger_catalog (format INTEGER NOT NULL)")
+            con.execute("INSERT INTO bloger_catalog VALUES (?)", [CATALOG_FORMAT])
 
     def start_run(self, stage: str, config: dict[str, Any], config_hash: str, fingerprint: str,
                   inputs: dict[str, str], run_name: str | None = None) -> str:
@@ -188,6 +218,11 @@ def _relative(path: Path, root: Path) -> str:
 
 def _has_column(con: duckdb.DuckDBPyConnection, table: str, column: str) -> bool:
     """Read-only connections cannot migrate: an old catalog lacks the columns newer versions add."""
-    row = con.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = ? AND column_name = ?",
-                      [table, column]).fetchone()
-    return bool(row and row[0])
+    return bool(_scalar(con, "SELECT count(*) FROM information_schema.columns WHERE table_name = ? AND "
+                        "column_name = ?", [table, column]))
+
+
+def _scalar(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> Any:
+    """The one value of a one-row query."""
+    row = con.execute(sql, params or []).fetchone()
+    return None if row is None else row[0]

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from bloger_cli.baseline.config import BaselineConfig
-from bloger_cli.config_base import Device, StrictModel, device_field, seed_field
+from bloger_cli.config_base import MAX_BAD_STEPS, Device, MaxBadSteps, StrictModel, device_field, seed_field
 from bloger_cli.cutoffs import DEFAULT_KS, parse_ks, positive_ks
 from bloger_cli.errors import ConfigError
 from bloger_cli.report.config import ReportConfig
@@ -141,7 +141,7 @@ class EmbedConfig(StrictModel):
 class TokenizeConfig(StrictModel):
     """`bloger tokenize`: embeddings -> semantic IDs (RQ-VAE of docs/design.md §1.1, or residual k-means)."""
 
-    unhashed = frozenset({"warm_start"})
+    unhashed = frozenset({"warm_start", "max_bad_steps"})
 
     method: Literal["rqvae", "rq-kmeans"] = Field("rqvae", description="the tokenizer")
     levels: int = Field(4, ge=1, le=16, description="residual quantisation levels L")
@@ -157,6 +157,7 @@ class TokenizeConfig(StrictModel):
     kmeans_iters: int = Field(50, ge=1, description="k-means iterations for codebook initialisation")
     dead_codes: Literal["reseed", "none"] = Field("reseed", description="re-seed codes unused in an epoch")
     patience: int | None = Field(20, ge=1, description="stop after this many epochs without improvement")
+    max_bad_steps: MaxBadSteps = MAX_BAD_STEPS
     disambiguate: bool = Field(True, description="append a code that makes colliding IDs unique")
     warm_start: Path | None = Field(None, description="an earlier workspace or tokenizer file: start from its "
                                     "weights (no k-means init), then train `epochs` more (0: assign codes only)")
@@ -224,7 +225,8 @@ def stage_config(stage: str) -> type[StrictModel]:
 
 def config_hash(config: StrictModel) -> str:
     """A short stable hash of a resolved config (what the catalog and artifact metadata record)."""
-    dump = config.model_dump(mode="json", exclude=set(type(config).unhashed))
+    exclude = config.hash_exclude() if isinstance(config, StrictModel) else None
+    dump = config.model_dump(mode="json", exclude=exclude)
     blob = json.dumps(dump, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -4,11 +4,17 @@ setting off) and the device choice. Stage configs live in bloger_cli/config.py a
 from __future__ import annotations
 
 import typing
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Device = Literal["auto", "cpu", "cuda", "mps"]
+
+# Steps in a row with a non-finite loss or gradient (each skipped: no update) before a run stops. A
+# safety limit, not a hyperparameter: left out of the config hash, so raising it lets `--resume` go on.
+MaxBadSteps = Annotated[int, Field(ge=1, description="stop after this many steps in a row with a non-finite "
+                                   "loss or gradient (each one is skipped, no update)")]
+MAX_BAD_STEPS = 20
 
 
 def device_field() -> Any:
@@ -29,6 +35,15 @@ class StrictModel(BaseModel):
     # fingerprint): left out of the config hash, so that data moved to another place gives outputs
     # byte for byte the same and the stages downstream stay up to date.
     unhashed: ClassVar[frozenset[str]] = frozenset()
+
+    def hash_exclude(self) -> dict[str, Any]:
+        """The `model_dump(exclude=...)` of the unhashed fields, nested configs' included."""
+        out: dict[str, Any] = {name: True for name in type(self).unhashed}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if name not in out and isinstance(value, StrictModel) and value.hash_exclude():
+                out[name] = value.hash_exclude()
+        return out
 
     @model_validator(mode="before")
     @classmethod

@@ -42,6 +42,22 @@ class ArtifactError(DataError):
     """An artifact is missing, has the wrong schema, or does not fit its lineage (exit 1)."""
 
 
+class DamagedFile(ArtifactError):
+    """A file that cannot be what its name says: truncated, foreign, another layout, non-finite numbers
+    (exit 2: re-running the stage that writes it fixes it; retrying the same command does not)."""
+
+    exit_code = 2
+
+
+class WriteFailed(BlogerError):
+    """A write failed midway (disk full, file size limit, read-only place); the partial file is gone and
+    earlier artifacts are as they were (exit 1)."""
+
+
+class Diverged(BlogerError):
+    """Training met a non-finite loss or gradient `max_bad_steps` times in a row (exit 1)."""
+
+
 class WorkspaceBusy(BlogerError):
     """Another bloger process holds the workspace lock (exit 3, so schedulers can retry)."""
 

@@ -17,18 +17,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bloger_cli.errors import ArtifactError as DamagedFile  # DamagedFile once issue-19 lands
+from bloger_cli.artifacts import TEMP_NAME
+from bloger_cli.errors import DamagedFile
 
 log = logging.getLogger(__name__)
 
 JOURNAL = ".bloger-commit.json"
-TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")  # artifacts.temp_path_for's names
 
 
 def fault(point: str) -> None:
@@ -103,7 +102,7 @@ def stray_temps(root: Path, keep: frozenset[Path] | set[Path] = frozenset()) -> 
     for directory in (root, *sorted(p for p in (root / "runs").glob("*") if p.is_dir()),
                       *sorted(p for p in root.rglob("training") if p.is_dir())):
         for path in directory.iterdir() if directory.is_dir() else ():
-            match = TEMP.match(path.name)
+            match = TEMP_NAME.match(path.name)
             if match and path.is_file() and path not in keep and not _alive(int(match["pid"])):
                 found.append(path)
     return sorted(set(found))

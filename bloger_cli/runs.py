@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bloger_cli.errors import WorkspaceError
+from bloger_cli.errors import ConfigError, WorkspaceError
 from bloger_cli.workspace import Workspace, is_busy
 
 METRICS = {"train-bilevel": {"recall@10": "val_recall@10", "ndcg@10": "val_ndcg@10"}}  # result key per column
@@ -23,11 +23,16 @@ def _metrics(stage: str, result: dict[str, Any]) -> dict[str, float]:
     return {name: result[key] for name, key in keys.items() if result.get(key) is not None}
 
 
+RUN_STATUSES = ("done", "failed", "interrupted", "running", "killed")
+
+
 def list_runs(workspaces: list[Path], *, stage: str | None = None, mode: str | None = None,
               status: str | None = None) -> list[dict[str, Any]]:
     """Every run of these workspaces, newest first, filtered by stage, mode and status. A run the
     catalog still calls running while no process holds the workspace lock was killed (or crashed): its
     status reads "killed"."""
+    if status is not None and status not in RUN_STATUSES:
+        raise ConfigError(f"--status {status}: not a run status", hint=f"give one of {', '.join(RUN_STATUSES)}")
     rows = []
     for root in workspaces:
         ws = Workspace(root)

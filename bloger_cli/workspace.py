@@ -10,8 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
+import socket
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -114,19 +117,56 @@ class Workspace:
 
     @contextmanager
     def lock(self, timeout: float) -> Iterator[None]:
-        """Hold the workspace lock; a second process waits up to `timeout` seconds, then fails."""
+        """Hold the workspace lock; a second process waits up to `timeout` seconds, then fails.
+
+        The lock is an OS file lock (flock), which the kernel frees when its holder dies, even by
+        SIGKILL: a killed run never blocks the next one. Beside it the holder writes `.bloger.lock.owner`
+        (pid, host, since) and removes it on release; finding it on acquiring means the last holder died
+        holding the lock, which is said, and the lock taken over."""
+        self.check_writable()
         lock = FileLock(str(self.root / ".bloger.lock"))
+        owner = self.root / LOCK_OWNER
         try:
             lock.acquire(timeout=timeout)
         except Timeout:
             raise WorkspaceBusy(
-                f"workspace {self.root} is in use by another bloger process (waited {timeout:g}s)",
+                f"workspace {self.root} is in use by another bloger process{_holder(owner)} (waited {timeout:g}s)",
                 hint="wait for it to finish or raise --lock-timeout",
             ) from None
         try:
+            if owner.is_file():
+                log.warning("workspace %s: the bloger process%s that held its lock ended without releasing it "
+                            "(killed?); taking the lock over", self.root, _holder(owner))
+            owner.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                         "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
             yield
         finally:
+            owner.unlink(missing_ok=True)
             lock.release()
+
+    def check_writable(self) -> None:
+        """Fail before any work when files cannot be made in the workspace. A real probe file, not
+        os.access: root passes access checks on directories it cannot write (read-only mounts aside)."""
+        probe = self.root / f".bloger-probe-{os.getpid()}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise WorkspaceError(f"workspace {self.root} is not writable: cannot create {probe.name} there "
+                                 f"({exc.strerror})",
+                                 hint="make it writable (chmod u+w) or give --workspace another directory") from None
+
+
+LOCK_OWNER = ".bloger.lock.owner"
+
+
+def _holder(owner: Path) -> str:
+    """" (pid 123 on host, since ...)" from a lock owner file, or "" when there is none or it is unreadable."""
+    try:
+        info = json.loads(owner.read_text())
+        return f" (pid {info['pid']} on {info['host']}, since {info['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def run_flag(ws: Workspace) -> str:

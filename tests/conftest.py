@@ -300,3 +300,44 @@ def trained_workspace(trained_workspace_template: Path, tmp_path: Path) -> Path:
 def train_config() -> Callable[..., Any]:
     """`train_config(epochs=3, ...)`: see tiny_train_config."""
     return tiny_train_config
+
+
+# ------------------------------------------------------------------------------ faults
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file under `root` (the lock file aside) -> sha256 of its bytes: "nothing touched" is equality."""
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".bloger.lock"}
+
+
+@pytest.fixture
+def fails_cleanly(cli) -> Callable[..., str]:
+    """`fails_cleanly(workspace, code, "train-bilevel", "-w", ws, ...)` runs the command and checks that
+    it exits with `code`, prints no traceback and one `error:` line (then at most a hint, or a config's
+    bullets), and
+    leaves every file under `workspace` (but those named in `ignore`) byte for byte as it was; returns the error
+    line and hint joined
+    by a newline."""
+
+    def run(workspace: Path, code: int, *args: Any, ignore: tuple[str, ...] = (), **kwargs: Any) -> str:
+        def digest() -> dict[str, str] | None:
+            return {k: v for k, v in tree_digest(workspace).items() if k not in ignore} if workspace.exists() else None
+
+        before = digest()
+        out = cli(*args, **kwargs)
+        assert out.exit_code == code, (out.exit_code, out.output, out.exception)
+        assert "Traceback" not in out.output and not isinstance(out.exception, AssertionError)
+        lines = [line for line in out.stderr.splitlines() if line.strip()]
+        errors = [i for i, line in enumerate(lines) if line.startswith("error:")]
+        assert len(errors) == 1, out.stderr
+        message = lines[errors[0]:]
+        # the error line, then a hint, or one bullet per invalid field of a config
+        assert all(line.startswith(("  • ", "  hint: ")) for line in message[1:]), out.stderr
+        assert sum(line.startswith("  hint: ") for line in message) <= 1, out.stderr
+        assert digest() == before, "the workspace changed"
+        return "\n".join(message)
+
+    return run

@@ -271,6 +271,11 @@ def time_expression(con: duckdb.DuckDBPyConnection, path: Path, source: str, col
         return f"epoch({q})::BIGINT"
     if dtype in {"BIGINT", "INTEGER", "SMALLINT", "TINYINT", "HUGEINT", "UBIGINT", "UINTEGER", "DOUBLE",
                  "FLOAT", "REAL"} or dtype.startswith("DECIMAL"):
+        huge = con.execute(f"SELECT {q}::VARCHAR FROM {source} WHERE {q} IS NOT NULL AND TRY_CAST({q} AS BIGINT) "
+                           "IS NULL LIMIT 1").fetchone()
+        if huge is not None:  # a plain CAST would stop the import with DuckDB's ConversionException
+            raise DataError(f"{path}: column {col!r} has a timestamp out of range (e.g. {huge[0]!r}); "
+                            "expected epoch numbers within 64 bits")
         return f"CAST({q} AS BIGINT)"
     expr = (f"COALESCE(TRY_CAST(TRY_CAST({q} AS DOUBLE) AS BIGINT), "
             f"epoch(TRY_CAST({q} AS TIMESTAMP))::BIGINT)")
@@ -328,6 +333,11 @@ def load_table(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig, files: Source
     select = ", ".join(f"{quote_ident(c)}::VARCHAR AS {quote_ident(safe_field_name(c))}" for c in texts)
     con.execute(f"CREATE OR REPLACE TABLE raw_items AS SELECT {quote_ident(key)}::VARCHAR AS item_key"
                 f"{', ' + select if select else ''} FROM {ireader}")
+    repeated = con.execute("SELECT item_key, count(*) FROM raw_items WHERE item_key IS NOT NULL GROUP BY 1 "
+                           "HAVING count(*) > 1 ORDER BY 2 DESC, 1 LIMIT 1").fetchone()
+    if repeated is not None:  # prepare would keep one of the rows, which one undefined: the text must be one
+        raise DataError(f"{files.items}: item key {repeated[0]!r} has {repeated[1]} rows (column {key!r}); "
+                        "every item needs exactly one row of text")
     info.text_fields = [safe_field_name(c) for c in texts]
     return info
 

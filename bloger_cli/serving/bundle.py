@@ -25,7 +25,7 @@ from torch import Tensor
 from bloger_cli import __version__
 from bloger_cli.artifacts import SPECS, read_table
 from bloger_cli.data.samples import max_history
-from bloger_cli.errors import ArtifactError
+from bloger_cli.errors import ArtifactError, DamagedFile
 from bloger_cli.recommender.config import RecommenderConfig
 from bloger_cli.recommender.model import Recommender
 from bloger_cli.tokenizer.io import read_codes
@@ -102,7 +102,7 @@ def check_layout(ckpt: dict[str, Any], path: Path, ws: Workspace) -> None:
     have = (len(ckpt["codes"]), ckpt["codes"].shape[1], int(ckpt["model_config"]["codebook_size"]))
     want = (len(codes), codes.shape[1], int(meta.get("codebook_size", codes.max().item() + 1)))
     if have != want:
-        raise ArtifactError(
+        raise DamagedFile(
             f"checkpoint {path} decodes {have[0]} items with IDs of {have[1]} codes from {have[2]}, "
             f"{ids} has {want[0]} items with IDs of {want[1]} codes from {want[2]}",
             hint="serve a checkpoint trained on this workspace's IDs, or re-run `bloger train-bilevel`")
@@ -115,13 +115,13 @@ def from_file(path: Path) -> Served:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged or foreign file
-        raise ArtifactError(f"--model {path} is not a readable model file ({type(exc).__name__})",
+        raise DamagedFile(f"--model {path} is not a readable model file ({type(exc).__name__})",
                             hint="write one with `bloger export-model --format torch`") from None
     if not isinstance(data, dict) or data.get("format") != FILE_FORMAT:
-        raise ArtifactError(f"--model {path} is not a `bloger export-model` file",
+        raise DamagedFile(f"--model {path} is not a `bloger export-model` file",
                             hint="write one with `bloger export-model --format torch`")
     if data.get("version") != FILE_VERSION:
-        raise ArtifactError(f"--model {path} has format version {data.get('version')}, this bloger reads "
+        raise DamagedFile(f"--model {path} has format version {data.get('version')}, this bloger reads "
                             f"{FILE_VERSION}", hint="export it again with this bloger")
     model = Recommender(RecommenderConfig(**data["model_config"]))
     model.load_state_dict(data["model"])

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from bloger_cli.artifacts import SPECS, load_torch, read_info, read_table
-from bloger_cli.errors import ArtifactError, ConfigError, DataError
+from bloger_cli.errors import ArtifactError, ConfigError, DamagedFile, DataError
 from bloger_cli.tokenizer.kmeans import RQKMeans, RQKMeansConfig
 from bloger_cli.tokenizer.rqvae import RQVAE, RQVAEConfig
 from bloger_cli.workspace import Workspace
@@ -36,8 +36,8 @@ def read_embeddings(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     item_ids = torch.from_numpy(ids_col.to_numpy().astype(np.int64))  # (N,)
     bad = (~torch.isfinite(x).all(dim=1)).nonzero().squeeze(1)
     if len(bad):
-        raise DataError(f"{path}: the embedding of item {int(item_ids[bad[0]])} is not finite (NaN or inf); "
-                        f"{len(bad)} item(s) affected", hint=fix)
+        raise DamagedFile(f"{path}: the embedding of item {int(item_ids[bad[0]])} is not finite (NaN or inf); "
+                          f"{len(bad)} item(s) affected", hint=fix)
     repeated = len(item_ids) - len(torch.unique(item_ids))
     if repeated:
         raise DataError(f"{path}: item ids are repeated ({repeated} duplicate rows)", hint=fix)

@@ -8,6 +8,7 @@ sample from the same generator, and nothing depends on wall-clock or thread timi
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from bloger_cli.config import TokenizeConfig
 from bloger_cli.errors import ConfigError
+from bloger_cli.nonfinite import BadSteps, finite, fix_hint, grad_norm
 from bloger_cli.progress import track
 from bloger_cli.runtime import seed_everything
 from bloger_cli.tokenizer.io import load_tokenizer
@@ -78,9 +80,11 @@ class EpochStats(NamedTuple):
 
 
 def run_epoch(model: RQVAE, x: Tensor, optimizer: torch.optim.Optimizer, batch_size: int,
-              generator: torch.Generator) -> EpochStats:
-    """One pass over the items in a seeded random order."""
+              generator: torch.Generator, bad: BadSteps | None = None, hint: str = "", epoch: int = 1) -> EpochStats:
+    """One pass over the items in a seeded random order. A batch whose loss or gradient is not finite
+    takes no step and is counted in `bad` (nonfinite.py); the epoch's means are over the other batches."""
     model.train()
+    bad = bad or BadSteps(1 << 62)
     n, levels, k = x.shape[0], model.config.levels, model.config.codebook_size
     device = x.device
     perm = torch.randperm(n, generator=generator).to(device)
@@ -90,21 +94,29 @@ def run_epoch(model: RQVAE, x: Tensor, optimizer: torch.optim.Optimizer, batch_s
     total = torch.zeros((), dtype=torch.float64, device=device)
     recon = torch.zeros((), dtype=torch.float64, device=device)
     recent: list[Tensor] = []
+    taken = 0
     for start in range(0, n, batch_size):
         idx = perm[start:start + batch_size]
         out = model(x[idx], with_probs=False)
         optimizer.zero_grad(set_to_none=True)
         out.losses.total.backward()
-        optimizer.step()
-        total += out.losses.total.detach().double() * len(idx)
-        recon += out.losses.recon.detach().double() * len(idx)
+        if bool(finite(out.losses.total, grad_norm(model.parameters()))):
+            bad.good()
+            optimizer.step()
+            taken += len(idx)
+            total += out.losses.total.detach().double() * len(idx)
+            recon += out.losses.recon.detach().double() * len(idx)
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            bad.bad(f"tokenize: RQ-VAE step {start // batch_size + 1} of epoch {epoch}", hint)
         usage += torch.bincount((out.codes + offsets).flatten(), minlength=levels * k)
         epoch_codes[idx] = out.codes
         recent.append(out.residuals.detach())  # (B, L, d)
         while len(recent) > 1 and sum(len(r) for r in recent[1:]) >= k:
             recent.pop(0)
     collisions = collision_report(prefix_groups(epoch_codes.cpu())[-1]).collision_rate
-    return EpochStats(float(total) / n, float(recon) / n, collisions, usage.view(levels, k), torch.cat(recent))
+    mean = (lambda value: float(value) / taken) if taken else (lambda value: math.inf)
+    return EpochStats(mean(total), mean(recon), collisions, usage.view(levels, k), torch.cat(recent))
 
 
 class TrainResult(NamedTuple):
@@ -129,11 +141,12 @@ def train_rqvae(model: RQVAE, x: Tensor, cfg: TokenizeConfig, generator: torch.G
     best_loss, best_epoch, stale = float("inf"), 0, 0
     best_state = _snapshot(model)
     history: list[dict[str, Any]] = []
+    bad, hint = BadSteps(cfg.max_bad_steps), fix_hint("lr (--set lr=...)", cfg.lr)
     for epoch in track(range(1, cfg.epochs + 1), cfg.epochs, "tokenize: training the RQ-VAE"):
-        stats = run_epoch(model, x, optimizer, cfg.batch_size, generator)
+        stats = run_epoch(model, x, optimizer, cfg.batch_size, generator, bad, hint, epoch)
         dead = (stats.usage == 0).sum(dim=1).tolist()
         history.append({"epoch": epoch, "loss": stats.loss, "recon": stats.recon,
-                        "collision_rate": stats.collision_rate, "dead_codes": dead})
+                        "collision_rate": stats.collision_rate, "dead_codes": dead, "skipped_steps": bad.skipped})
         log.info("epoch %d/%d: loss %.5f (recon %.5f), collisions %.2f%%, unused codes per level %s",
                  epoch, cfg.epochs, stats.loss, stats.recon, 100 * stats.collision_rate, dead)
         if stats.loss < best_loss * (1 - MIN_IMPROVEMENT) or best_epoch == 0:
@@ -146,6 +159,8 @@ def train_rqvae(model: RQVAE, x: Tensor, cfg: TokenizeConfig, generator: torch.G
         if cfg.dead_codes == "reseed" and epoch < cfg.epochs:
             reseed_dead_codes(model, stats.usage, stats.pool, generator, optimizer)
     model.load_state_dict(best_state)
+    if bad.skipped:
+        log.warning("tokenize: %d RQ-VAE steps skipped for a non-finite loss or gradient", bad.skipped)
     return TrainResult(len(history), best_epoch, best_loss, history)
 
 

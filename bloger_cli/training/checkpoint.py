@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from bloger_cli.artifacts import SPECS, ArtifactInfo, load_torch, save_torch, temp_path_for
-from bloger_cli.errors import ArtifactError, ConfigError
+from bloger_cli.errors import ArtifactError, ConfigError, DamagedFile
 from bloger_cli.recommender.config import RecommenderConfig
 from bloger_cli.recommender.model import Recommender
 
@@ -60,7 +60,7 @@ def save_atomic(ckpt: dict[str, Any], path: Path, metadata: dict[str, str]) -> N
     """Write to a temporary file beside `path`, then rename: a kill never leaves half a checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(path)
-    save_torch(ckpt, tmp, metadata)
+    save_torch(ckpt, tmp, metadata)  # removes its partial file when the write fails
     os.replace(tmp, path)
 
 
@@ -70,7 +70,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     needed = ("model_config", "model", "codes", "config_hash", "inputs", "epoch", "step")
     missing = [key for key in needed if key not in ckpt]
     if missing:
-        raise ArtifactError(f"{path} is not a bloger recommender checkpoint (missing {', '.join(missing)})",
+        raise DamagedFile(f"{path} is not a bloger recommender checkpoint (missing {', '.join(missing)})",
                             hint="re-run `bloger train-bilevel`")
     return ckpt
 
@@ -92,7 +92,7 @@ def build_recommender(ckpt: dict[str, Any], path: Path) -> Recommender:
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
-        raise ArtifactError(f"{path}: the weights do not fit the stored model config "
+        raise DamagedFile(f"{path}: the weights do not fit the stored model config "
                             f"({str(exc).splitlines()[0]})", hint="re-run `bloger train-bilevel --force`") from None
     return model.eval()
 
@@ -130,7 +130,7 @@ def check_trained_on(ckpt: dict[str, Any], path: Path, sequences: ArtifactInfo) 
     in another workspace, or after `prepare` re-ran."""
     trained_on = ckpt["inputs"].get("artifact:sequences")
     if trained_on != sequences.content_hash:
-        raise ArtifactError(
+        raise DamagedFile(
             f"checkpoint {path} was trained on other sequences (recorded {trained_on}, "
             f"{sequences.path} is {sequences.content_hash}): another workspace, or prepare was re-run",
             hint="use it in its own workspace, or re-run `bloger train-bilevel` here")

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from bloger_cli.config_base import Device, StrictModel, device_field, seed_field
+from bloger_cli.config_base import MAX_BAD_STEPS, Device, MaxBadSteps, StrictModel, device_field, seed_field
 
 
 class ModelConfig(StrictModel):
@@ -33,6 +33,8 @@ class ModelConfig(StrictModel):
 class TrainConfig(StrictModel):
     """`[train-bilevel.train]`: optimiser, schedule, validation and early stopping."""
 
+    unhashed = frozenset({"max_bad_steps"})
+
     lr: float = Field(5e-4, gt=0, description="recommender AdamW learning rate")
     weight_decay: float = Field(1e-2, ge=0)
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="after the warmup")
@@ -54,6 +56,7 @@ class TrainConfig(StrictModel):
                                       "(seconds when a number); the schedule spans it")
     decay_start: float = Field(0.0, ge=0.0, lt=1.0, description="share of the run at the full rate before the "
                                "decay begins (after the warmup)")
+    max_bad_steps: MaxBadSteps = MAX_BAD_STEPS
     bucket_group: int | None = Field(50, ge=1, description="length-grouped batches: shuffle, sort megabatches "
                                      "of this many batches by history length, shuffle the batches (None: off)")
 

@@ -102,15 +102,18 @@ def train_epoch(state: TrainState, data: TrainData, cfg: TrainBilevelConfig, ste
                 raise Stopped
     dist.sum_([total])
     seconds = time.perf_counter() - started
-    row.update({"train_loss": float(total) / max(1, state.epoch_step), "seconds": seconds,
+    taken = state.epoch_step - state.bad.epoch  # a skipped (non-finite) step adds no loss
+    row.update({"train_loss": float(total) / max(1, taken) if taken else None, "seconds": seconds,
+                "skipped_steps": state.bad.skipped,
                 "samples_per_s": int(lengths.numel() * state.epoch_step / steps) / max(seconds, 1e-9),
                 "step": state.step, "elapsed": state.clock.elapsed()})
     row.setdefault("val_recall_10", None)
     row.setdefault("val_ndcg_10", None)
     state.epoch, state.epoch_step, state.epoch_loss, state.epoch_seconds = epoch, 0, 0.0, 0.0
+    state.bad.epoch = 0
     state.history.append(row)
-    log.info("epoch %d: loss %.4f, val recall@10 %s ndcg@10 %s, %.1f s, %.0f samples/s", epoch,
-             row["train_loss"], _fmt(row["val_recall_10"]), _fmt(row["val_ndcg_10"]), row["seconds"],
+    log.info("epoch %d: loss %s, val recall@10 %s ndcg@10 %s, %.1f s, %.0f samples/s", epoch,
+             _fmt(row["train_loss"]), _fmt(row["val_recall_10"]), _fmt(row["val_ndcg_10"]), row["seconds"],
              row["samples_per_s"])
     save(state, end_improved)
     going = going and not dist.any_(plan.finished(state.step, state.clock.elapsed()), device)

@@ -20,7 +20,7 @@ def run_result(state: TrainState, data: TrainData, cfg: TrainBilevelConfig, devi
     best_row = next((r for r in validated if r["step"] == state.best_step), {})
     return {
         "mode": cfg.mode, "epochs_run": state.epoch, "best_epoch": state.best_epoch, "best_step": state.best_step,
-        "steps": state.step, "elapsed": round(state.clock.elapsed(), 3),
+        "steps": state.step, "skipped_steps": state.bad.skipped, "elapsed": round(state.clock.elapsed(), 3),
         "metric": cfg.train.metric, "best_value": state.best, "val_recall@10": best_row.get("val_recall_10"),
         "val_ndcg@10": best_row.get("val_ndcg_10"), "train_samples": len(data.train),
         "val_users": len(data.valid), "parameters": sum(p.numel() for p in state.model.parameters()),

@@ -12,7 +12,9 @@ import torch
 from torch import Tensor
 
 from bloger_cli.config import TrainBilevelConfig
+from bloger_cli.config_base import MAX_BAD_STEPS
 from bloger_cli.data.samples import Samples
+from bloger_cli.nonfinite import BadSteps
 from bloger_cli.recommender.model import Recommender
 from bloger_cli.recommender.vocab import Vocab
 from bloger_cli.tokenizer.rqvae import RQVAE
@@ -73,6 +75,7 @@ class TrainState:
     dist: Distributed = field(default_factory=Distributed)  # under torchrun: this process's rank
     # what the ordinary step calls instead of `model`: its DDP wrapper or torch.compile'd forward (None: model)
     net: Callable[..., Any] | None = None
+    bad: BadSteps = field(default_factory=lambda: BadSteps(MAX_BAD_STEPS))  # steps skipped as non-finite
 
     @property
     def forward(self) -> Callable[..., Any]:
@@ -84,7 +87,8 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         out = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                "scheduler": self.scheduler.state_dict(), "history": self.history, "rng": rng_state(),
-               "elapsed": self.clock.elapsed(), **{name: getattr(self, name) for name in self._SCALARS}}
+               "elapsed": self.clock.elapsed(), **{name: getattr(self, name) for name in self._SCALARS},
+               **self.bad.state_dict()}
         if self.tokenizer is not None and self.tokenizer_optimizer is not None:
             out["tokenizer_state"] = {k: v.detach().cpu() for k, v in self.tokenizer.state_dict().items()}
             out["tokenizer_optimizer"] = self.tokenizer_optimizer.state_dict()
@@ -100,6 +104,7 @@ class TrainState:
             if name in ckpt:  # checkpoints of older versions lack the newer counters
                 setattr(self, name, type(getattr(self, name))(ckpt[name]))
         self.history = list(ckpt["history"])
+        self.bad.load_state_dict(ckpt)
         self.clock.restart(float(ckpt.get("elapsed", 0.0)))
         self.codes_before = ckpt.get("codes_before_update")
         if self.tokenizer is not None and self.tokenizer_optimizer is not None:
@@ -120,9 +125,10 @@ def new_state(model: Recommender, cfg: TrainBilevelConfig, steps_per_epoch: int,
     total = plan.total_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.train, total, plan.time_progress(clock.elapsed())))
+    bad = BadSteps(cfg.train.max_bad_steps)
     if cfg.mode == "fixed" or tokenizer is None:
-        return TrainState(model, optimizer, scheduler, plan, clock)
+        return TrainState(model, optimizer, scheduler, plan, clock, bad=bad)
     tok_optimizer = torch.optim.AdamW(tokenizer.parameters(), lr=cfg.bilevel.tokenizer_lr,
                                       weight_decay=cfg.bilevel.tokenizer_weight_decay)
     return TrainState(model, optimizer, scheduler, plan, clock, tokenizer=tokenizer.train(),
-                      tokenizer_optimizer=tok_optimizer)
+                      tokenizer_optimizer=tok_optimizer, bad=bad)

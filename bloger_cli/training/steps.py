@@ -10,8 +10,11 @@ churn per level, weighted by training occurrences, and among the validation targ
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +22,7 @@ import torch
 from torch import Tensor
 
 from bloger_cli.config import TrainBilevelConfig
+from bloger_cli.nonfinite import finite, fix_hint, grad_norm
 from bloger_cli.recommender.batch import Batch, make_batch
 from bloger_cli.tokenizer.semantic_ids import SemanticIDs, semantic_ids
 from bloger_cli.training.bilevel import MetaResult, joint_loss, meta_gradients
@@ -43,16 +47,47 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if capable else None
 
 
+def checked(state: TrainState, ok: Tensor, what: str, hint: str) -> bool:
+    """Whether a step may update: `ok` (its loss and gradients are finite) on every rank, so that all
+    ranks skip together. A bad step drops its gradients and is counted (`Diverged` at the limit)."""
+    if not state.dist.any_(not bool(ok), ok.device):
+        state.bad.good()
+        return True
+    state.optimizer.zero_grad(set_to_none=True)
+    if state.tokenizer_optimizer is not None:
+        state.tokenizer_optimizer.zero_grad(set_to_none=True)
+    state.bad.bad(f"{what} {state.step + 1} (epoch {state.epoch + 1})", hint)
+    return False
+
+
+def _skip_schedule(state: TrainState) -> None:
+    """Advance the schedule past a skipped step, so the rate stays a function of the step count (torch
+    warns when a schedule steps before its optimiser ever did: expected here)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+        state.scheduler.step()
+
+
+def _recommender_norm(state: TrainState, cfg: TrainBilevelConfig) -> Tensor:
+    """The recommender's gradient norm, clipped to clip_norm when set (NaN or inf when any gradient is)."""
+    if cfg.train.clip_norm is not None:
+        return torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.train.clip_norm)
+    return grad_norm(state.model.parameters())
+
+
 def fixed_step(cfg: TrainBilevelConfig, amp: torch.dtype | None, device: torch.device) -> StepFn:
-    """Mode fixed: one AdamW step of the recommender on next-token cross-entropy; tokenizer frozen."""
+    """Mode fixed: one AdamW step of the recommender on next-token cross-entropy; tokenizer frozen. A
+    step with a non-finite loss or gradient is skipped (nonfinite.py); it returns a zero loss."""
+    hint = fix_hint("train.lr", cfg.train.lr, cfg.train.precision)
 
     def step(state: TrainState, batch: Batch, part: Part = Part()) -> Tensor:
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss = state.forward(batch.input_ids, batch.attention_mask, batch.decoder_input_ids, batch.labels).loss
         state.optimizer.zero_grad(set_to_none=True)
         (loss * (part.share * state.dist.world)).backward()  # DDP averages: sum_r share_r * grad_r
-        if cfg.train.clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.train.clip_norm)
+        if not checked(state, finite(loss, _recommender_norm(state, cfg)), "recommender step", hint):
+            _skip_schedule(state)
+            return torch.zeros((), device=loss.device)
         state.optimizer.step()
         state.scheduler.step()
         return loss.detach()
@@ -99,7 +134,9 @@ def commit_codes(state: TrainState, data: TrainData, ids: SemanticIDs, remember:
 
 
 def joint_step(cfg: TrainBilevelConfig, data: TrainData, amp: torch.dtype | None, device: torch.device) -> StepFn:
-    """Mode joint: recommender and tokenizer updated together on L_rec + lam * L_tok, no look-ahead."""
+    """Mode joint: recommender and tokenizer updated together on L_rec + lam * L_tok, no look-ahead; a
+    step with a non-finite loss or gradient updates neither, and the codes stay."""
+    hint = fix_hint("train.lr", cfg.train.lr, cfg.train.precision)
 
     def step(state: TrainState, batch: Batch, part: Part = Part()) -> Tensor:
         assert state.tokenizer is not None and state.tokenizer_optimizer is not None
@@ -114,8 +151,10 @@ def joint_step(cfg: TrainBilevelConfig, data: TrainData, amp: torch.dtype | None
             grads = [p.grad for p in state.tokenizer.parameters() if p.grad is not None]
             state.dist.sum_(grads)
             torch._foreach_div_(grads, state.dist.world)
-        if cfg.train.clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.train.clip_norm)
+        ok = finite(loss, _recommender_norm(state, cfg), grad_norm(state.tokenizer.parameters()))
+        if not checked(state, ok, "joint step", hint):
+            _skip_schedule(state)
+            return torch.zeros((), device=loss.device)
         state.optimizer.step()
         state.tokenizer_optimizer.step()
         state.scheduler.step()
@@ -163,6 +202,7 @@ def bilevel_step(cfg: TrainBilevelConfig, data: TrainData, amp: torch.dtype | No
     ordinary = fixed_step(cfg, amp, device)
     b = cfg.bilevel
     eta = b.lookahead_lr or cfg.train.lr
+    meta_hint = fix_hint("bilevel.tokenizer_lr", b.tokenizer_lr, cfg.train.precision)
 
     def step(state: TrainState, batch: Batch, part: Part = Part()) -> Tensor:
         loss = ordinary(state, batch, part)
@@ -182,12 +222,19 @@ def bilevel_step(cfg: TrainBilevelConfig, data: TrainData, amp: torch.dtype | No
                 tok_items=part.items if i == 0 else None, routing=b.routing, tok_norm=b.tok_loss))
         meta = _mean(results)
         lr = b.tokenizer_lr * min(1.0, (state.tokenizer_updates + 1) / max(1, b.tokenizer_warmup))
+        meta_ok = finite(*meta.grads.values()) & all(map(math.isfinite, (meta.inner_loss, meta.outer_loss,
+                                                                          meta.tok_loss)))
+        if not checked(state, meta_ok, "meta step after step", meta_hint):
+            state.model.zero_grad(set_to_none=True)
+            state.history.append({"event": "tokenizer_update", "epoch": state.epoch + 1, "step": state.step + 1,
+                                  "lr": lr, "non_finite": 1.0, "seconds": time.perf_counter() - started})
+            return loss
         for group in state.tokenizer_optimizer.param_groups:
             group["lr"] = lr
         state.tokenizer_optimizer.zero_grad(set_to_none=True)
         for name, p in state.tokenizer.named_parameters():
             p.grad = meta.grads[name]
-        scale, ids = _limited_step(state, data, b.max_churn)
+        scale, ids = _guarded_step(state, data, b.max_churn)
         state.model.zero_grad(set_to_none=True)  # the meta step leaves no recommender gradient behind
         row: dict[str, Any] = {"event": "tokenizer_update", "epoch": state.epoch + 1, "step": state.step + 1,
                                "lr": lr, "inner_loss": meta.inner_loss, "outer_loss": meta.outer_loss,
@@ -207,6 +254,25 @@ def bilevel_step(cfg: TrainBilevelConfig, data: TrainData, amp: torch.dtype | No
         return loss
 
     return step
+
+
+def _guarded_step(state: TrainState, data: TrainData, max_churn: float | None) -> tuple[float, SemanticIDs | None]:
+    """`_limited_step`, undone (weights and AdamW moments as they were, no new IDs) when it would leave a
+    tokenizer weight NaN or inf: finite gradients can still overflow a weight."""
+    assert state.tokenizer is not None and state.tokenizer_optimizer is not None
+    params = list(state.tokenizer.parameters())
+    weights = [p.detach().clone() for p in params]
+    moments = copy.deepcopy(state.tokenizer_optimizer.state_dict())
+    scale, ids = _limited_step(state, data, max_churn)
+    if bool(finite(*params)):
+        return scale, ids
+    log.warning("the tokenizer update at step %d would make a weight non-finite: undone, the IDs stay",
+                state.step + 1)
+    with torch.no_grad():
+        for p, old in zip(params, weights):
+            p.copy_(old)
+    state.tokenizer_optimizer.load_state_dict(moments)
+    return 0.0, None
 
 
 def _limited_step(state: TrainState, data: TrainData, max_churn: float | None) -> tuple[float, SemanticIDs | None]:

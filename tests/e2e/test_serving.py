@@ -221,7 +221,7 @@ def test_checkpoint_with_another_id_layout(cli, trained_workspace: Path, tmp_pat
     ckpt["codes"] = torch.cat([ckpt["codes"], ckpt["codes"][:, :1]], dim=1)  # one level more
     other = tmp_path / "other.pt"
     save_torch({k: v for k, v in ckpt.items() if k != "metadata"}, other, ckpt["metadata"])
-    fails(cli("recommend", "-w", trained_workspace, "--checkpoint", other, "--out", tmp_path / "r.csv"), 1,
+    fails(cli("recommend", "-w", trained_workspace, "--checkpoint", other, "--out", tmp_path / "r.csv"), 2,
           f"checkpoint {other} decodes 64 items with IDs of 4 codes from 16, "
           f"{trained_workspace / 'trained_semantic_ids.parquet'} has 64 items with IDs of 3 codes from 16")
 
