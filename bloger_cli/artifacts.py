@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -298,10 +299,8 @@ def write_arrow(table: pa.Table, path: Path, metadata: dict[str, str]) -> None:
         pq.write_table(table, path, compression="zstd")
 
 
-def copy_query(con: Any, query: str, path: Path, metadata: dict[str, str]) -> None:
+def copy_query(con: duckdb.DuckDBPyConnection, query: str, path: Path, metadata: dict[str, str]) -> None:
     """Let DuckDB write a query's result straight to Parquet with footer metadata (no Python rows)."""
-    import duckdb
-
     kv = ", ".join(f"'{k}': '{sql_str(v)}'" for k, v in metadata.items())
     with writing(path, duckdb.IOException):
         con.execute(f"COPY ({query}) TO '{sql_str(str(path))}' "
