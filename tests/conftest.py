@@ -193,13 +193,13 @@ def import_source(source: str, input: Path, items: Path | None = None) -> None:
     import duckdb
 
     from bloger_cli.config import PrepareConfig
-    from bloger_cli.stages import prepare
+    from bloger_cli.data import importers
 
     cfg = PrepareConfig(source=source, input=input, items=items)
-    files = prepare.resolve_source(cfg)
+    files = importers.resolve_source(cfg)
     con = duckdb.connect()
     try:
-        prepare.SOURCES[cfg.source][1](con, cfg, files)
+        importers.SOURCES[cfg.source][1](con, cfg, files)
     finally:
         con.close()
 
