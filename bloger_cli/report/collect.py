@@ -81,11 +81,12 @@ def collect_runs(roots: list[Path]) -> list[ReportRun]:
 
 def _workspace_runs(ws: Workspace) -> list[ReportRun]:
     records = ws.catalog.runs(status="done")  # newest first
-    names = ws.catalog.run_names("train-bilevel")  # each named run (and the unnamed one) of the workspace
+    # each named run (and the unnamed one) of the workspace, in the order they were trained
+    names = ws.catalog.run_names("train-bilevel")[::-1]
     baselines: dict[tuple[str, str | None], RunRecord] = {}  # the latest of each model in each run
-    for r in records:
+    for r in reversed(records):  # oldest first: the report lists runs in the order they were made
         if r.stage == "baseline":
-            baselines.setdefault((r.config.get("model", "sasrec"), r.run_name), r)
+            baselines[(r.config.get("model", "sasrec"), r.run_name)] = r
     several = len(names) + len(baselines) > 1
     out = []
     for run_name in names:
@@ -102,7 +103,7 @@ def _workspace_runs(ws: Workspace) -> list[ReportRun]:
         run.test = _test_metrics([r for r in records if r.run_name == run_name], train, run)
         _codes(wsr, run)
         out.append(run)
-    for (model, _), record in sorted(baselines.items(), key=lambda item: (item[0][0], item[0][1] or "")):
+    for (model, _), record in baselines.items():
         wsb = ws.with_run(record.run_name)
         history = _history(wsb, "baseline_history") if model == "sasrec" else None
         name = record.run_name or (f"{ws.root.name} ({model})" if several else ws.root.name)
