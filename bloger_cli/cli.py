@@ -28,8 +28,9 @@ from bloger_cli.errors import BlogerError, Interrupted, WorkspaceError
 from bloger_cli.options import Invocation, JsonOpt, LockOpt, Opt, RunOpt, WorkspaceOpt, command_function
 from bloger_cli.render import RENDERERS, emit, err, render_generic, render_report, render_runs
 from bloger_cli.report.config import ReportConfig
-from bloger_cli.workspace import DEFAULT_WORKSPACE, Workspace, problems, stage_status
-from bloger_cli.workspace import repair as repair_workspace
+from bloger_cli.status import problems, stage_status
+from bloger_cli.status import repair as repair_workspace
+from bloger_cli.workspace import DEFAULT_WORKSPACE, Workspace
 
 _state = {"debug": False}
 

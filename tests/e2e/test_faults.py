@@ -71,7 +71,8 @@ def test_file_size_limit_midway_through_a_stage(trained_workspace: Path) -> None
     error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and error[0].startswith(f"error: cannot write {trained_workspace / 'training'}/"), error
     assert artifacts(trained_workspace) == before and temp_files(trained_workspace) == []
-    from bloger_cli.workspace import Workspace, stage_status
+    from bloger_cli.status import stage_status
+    from bloger_cli.workspace import Workspace
 
     status = {row["stage"]: row for row in stage_status(Workspace(trained_workspace))}  # the catalog still reads
     assert status["train-bilevel"]["state"] == "done"

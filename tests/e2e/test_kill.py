@@ -18,7 +18,8 @@ import pytest
 
 from bloger_cli.artifacts import SPECS, file_hash, read_info
 from bloger_cli.journal import JOURNAL
-from bloger_cli.workspace import Workspace, problems
+from bloger_cli.status import problems
+from bloger_cli.workspace import Workspace
 
 BLOGER = [sys.executable, "-m", "bloger_cli"]
 TOKENIZE = ["tokenize", "--method", "rq-kmeans", "--levels", "2", "--codebook-size", "16", "--device", "cpu",

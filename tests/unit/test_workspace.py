@@ -16,7 +16,8 @@ from filelock import FileLock
 from bloger_cli.artifacts import SPECS, file_hash, make_metadata, write_arrow
 from bloger_cli.config import PrepareConfig
 from bloger_cli.errors import ArtifactError, DataError, WorkspaceBusy, WorkspaceError
-from bloger_cli.workspace import Workspace, raw_fingerprint, run_stage, stage_status
+from bloger_cli.status import stage_status
+from bloger_cli.workspace import Workspace, raw_fingerprint, run_stage
 
 CFG = PrepareConfig(input=Path("raw.json"))
 
