@@ -32,6 +32,7 @@ from bloger_cli.training.result import run_result
 from bloger_cli.training.setup import build_run, warm_checkpoint_path
 from bloger_cli.training.state import TrainData, TrainState
 from bloger_cli.training.steps import make_step
+from bloger_cli.training.tracker import TRACKER_DIR, open_tracker
 from bloger_cli.workspace import StageContext, StageResult, Workspace, raw_fingerprint, run_flag, run_stage
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,15 @@ def _train(ctx: StageContext | None, cfg: TrainBilevelConfig, infos: dict[str, A
                 save_atomic(ckpt, scratch / "best.pt", ctx.metadata("checkpoint", {"mode": cfg.mode}))
 
         steps.step(f"training ({cfg.mode})")
-        _fit(state, data, cfg, dist, device, save, scratch, ws)
+        if ctx is not None:  # rank 0 tracks; a resumed run goes on in the directory it started
+            state.tracker_run = state.tracker_run or ctx.run_id
+            state.tracker = open_tracker(cfg.train.tracker, ws.root / TRACKER_DIR / (ws.run or "") / state.tracker_run,
+                                         purge_step=state.step + 1 if resume else None)
+        try:
+            _fit(state, data, cfg, dist, device, save, scratch, ws)
+        finally:
+            if state.tracker is not None:
+                state.tracker.close()
         if ctx is not None:
             steps.step("writing artifacts")
             _write_outputs(ctx, cfg, state, data, infos)

@@ -33,7 +33,7 @@ class ModelConfig(StrictModel):
 class TrainConfig(StrictModel):
     """`[train-bilevel.train]`: optimiser, schedule, validation and early stopping."""
 
-    unhashed = frozenset({"max_bad_steps"})
+    unhashed = frozenset({"max_bad_steps", "tracker"})
 
     lr: float = Field(5e-4, gt=0, description="recommender AdamW learning rate")
     weight_decay: float = Field(1e-2, ge=0)
@@ -57,6 +57,9 @@ class TrainConfig(StrictModel):
     decay_start: float = Field(0.0, ge=0.0, lt=1.0, description="share of the run at the full rate before the "
                                "decay begins (after the warmup)")
     max_bad_steps: MaxBadSteps = MAX_BAD_STEPS
+    tracker: Literal["none", "tensorboard"] = Field(
+        "none", description="mirror every history row as it is written: tensorboard writes event files to "
+        "WORKSPACE/tensorboard/[RUN/]RUN_ID (needs bloger[tensorboard])")
     bucket_group: int | None = Field(50, ge=1, description="length-grouped batches: shuffle, sort megabatches "
                                      "of this many batches by history length, shuffle the batches (None: off)")
 

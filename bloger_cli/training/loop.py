@@ -93,7 +93,7 @@ def train_epoch(state: TrainState, data: TrainData, cfg: TrainBilevelConfig, ste
                 if at_end:
                     end_improved = improved
                 else:
-                    state.history.append(target)
+                    state.record(target)
                     _save_mid_epoch(state, total, started, save, improved)
             if ended or not going:
                 break
@@ -111,7 +111,7 @@ def train_epoch(state: TrainState, data: TrainData, cfg: TrainBilevelConfig, ste
     row.setdefault("val_ndcg_10", None)
     state.epoch, state.epoch_step, state.epoch_loss, state.epoch_seconds = epoch, 0, 0.0, 0.0
     state.bad.epoch = 0
-    state.history.append(row)
+    state.record(row)
     log.info("epoch %d: loss %s, val recall@10 %s ndcg@10 %s, %.1f s, %.0f samples/s", epoch,
              _fmt(row["train_loss"]), _fmt(row["val_recall_10"]), _fmt(row["val_ndcg_10"]), row["seconds"],
              row["samples_per_s"])

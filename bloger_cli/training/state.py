@@ -21,6 +21,7 @@ from bloger_cli.tokenizer.rqvae import RQVAE
 from bloger_cli.training.checkpoint import rng_state, set_rng_state
 from bloger_cli.training.distributed import Distributed
 from bloger_cli.training.schedule import Clock, Plan, lr_factor
+from bloger_cli.training.tracker import Tracker
 
 
 @dataclass
@@ -76,13 +77,21 @@ class TrainState:
     # what the ordinary step calls instead of `model`: its DDP wrapper or torch.compile'd forward (None: model)
     net: Callable[..., Any] | None = None
     bad: BadSteps = field(default_factory=lambda: BadSteps(MAX_BAD_STEPS))  # steps skipped as non-finite
+    tracker: Tracker | None = None  # train.tracker: mirrors each history row as it is recorded
+    tracker_run: str = ""  # the tracker's directory name: the first run ID, kept by a resumed run
+
+    def record(self, row: dict[str, Any]) -> None:
+        """Add a row (epoch, eval or tokenizer update) to the history, and to the tracker if there is one."""
+        self.history.append(row)
+        if self.tracker is not None:
+            self.tracker.log(row)
 
     @property
     def forward(self) -> Callable[..., Any]:
         return self.model if self.net is None else self.net
 
     _SCALARS = ("epoch", "step", "best", "best_epoch", "best_step", "bad_evals", "epoch_step", "epoch_loss",
-                "epoch_seconds", "last_update", "tokenizer_updates")
+                "epoch_seconds", "last_update", "tokenizer_updates", "tracker_run")
 
     def state_dict(self) -> dict[str, Any]:
         out = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),

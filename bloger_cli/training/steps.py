@@ -226,7 +226,7 @@ def bilevel_step(cfg: TrainBilevelConfig, data: TrainData, amp: torch.dtype | No
                                                                           meta.tok_loss)))
         if not checked(state, meta_ok, "meta step after step", meta_hint):
             state.model.zero_grad(set_to_none=True)
-            state.history.append({"event": "tokenizer_update", "epoch": state.epoch + 1, "step": state.step + 1,
+            state.record({"event": "tokenizer_update", "epoch": state.epoch + 1, "step": state.step + 1,
                                   "lr": lr, "non_finite": 1.0, "seconds": time.perf_counter() - started})
             return loss
         for group in state.tokenizer_optimizer.param_groups:
@@ -248,7 +248,7 @@ def bilevel_step(cfg: TrainBilevelConfig, data: TrainData, amp: torch.dtype | No
         row.update({f"cos/{name}": value for name, value in meta.cosine.items()})
         row.update({f"surgery/{name}": float(value) for name, value in meta.fired.items()})
         row["seconds"] = time.perf_counter() - started
-        state.history.append(row)
+        state.record(row)
         log.debug("tokenizer update at step %d: churn %.3f (scale %.3g), outer loss %.4f, conflicts %.2f",
                   state.step + 1, row.get("churn", 0.0), scale, meta.outer_loss, meta.conflict_fraction)
         return loss

