@@ -27,7 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -209,7 +209,8 @@ def main() -> None:
         return {"side": side, "seed": seed, **result}
 
     with ThreadPoolExecutor(args.jobs) as pool:
-        for row in pool.map(lambda job: one(*job), todo):
+        for future in as_completed([pool.submit(one, *job) for job in todo]):  # kept as each one finishes
+            row = future.result()
             print(json.dumps(row), flush=True)
             with rows_file.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")

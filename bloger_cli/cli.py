@@ -166,8 +166,8 @@ stage_command("evaluate", "evaluate", [
     shared=RUN_SHARED)
 
 stage_command("baseline", "baseline", [
-    Opt("model", ("--model",)), Opt("epochs"), Opt("batch_size"), Opt("patience"), Opt("k", ("--k",)),
-    Opt("seed"), Opt("device"),
+    Opt("model", ("--model",)), Opt("epochs"), Opt("time_budget", kind=str), Opt("batch_size"), Opt("patience"),
+    Opt("k", ("--k",)), Opt("seed"), Opt("device"),
 ], "Train and test a baseline (SASRec, or popularity) on the workspace's own split and metrics.\n\n"
    "SASRec settings via --set sasrec.X (layers, heads, hidden, inner, dropout, lr, weight_decay).",
     shared=RUN_SHARED)

@@ -21,14 +21,7 @@ from bloger_cli.cutoffs import DEFAULT_KS, parse_ks, positive_ks
 from bloger_cli.errors import ConfigError
 from bloger_cli.report.config import ReportConfig
 from bloger_cli.serving.config import ExportModelConfig, RecommendConfig
-from bloger_cli.training.config import (  # noqa: F401  (re-exported)
-    BilevelConfig,
-    ModelConfig,
-    TrainBilevelConfig,
-    TrainConfig,
-    TrainMode,
-    parse_duration,
-)
+from bloger_cli.training.config import BilevelConfig, ModelConfig, TrainBilevelConfig, TrainConfig, TrainMode  # noqa: F401  (re-exported)
 
 if sys.version_info >= (3, 11):
     import tomllib

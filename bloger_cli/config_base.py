@@ -3,10 +3,11 @@ setting off) and the device choice. Stage configs live in bloger_cli/config.py a
 
 from __future__ import annotations
 
+import re
 import typing
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 Device = Literal["auto", "cpu", "cuda", "mps"]
 
@@ -15,6 +16,31 @@ Device = Literal["auto", "cpu", "cuda", "mps"]
 MaxBadSteps = Annotated[int, Field(ge=1, description="stop after this many steps in a row with a non-finite "
                                    "loss or gradient (each one is skipped, no update)")]
 MAX_BAD_STEPS = 20
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d*)?)h)?(?:(\d+(?:\.\d*)?)m)?(?:(\d+(?:\.\d*)?)s)?")
+
+
+def parse_duration(value: Any) -> float:
+    """`90`, `90s`, `20m`, `1h30m`, `1.5h` -> seconds (> 0); anything else is a ValueError."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower().replace(" ", "")
+        match = _DURATION.fullmatch(text) if text else None
+        if text.replace(".", "", 1).isdigit():
+            seconds = float(text)
+        elif match is None or not any(match.groups()):
+            raise ValueError(f"time budget must be a duration like 90s, 20m or 1h30m (got {value!r})")
+        else:
+            h, m, sec = (float(g or 0) for g in match.groups())
+            seconds = 3600 * h + 60 * m + sec
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"time budget must be more than 0 seconds (got {value!r})")
+    return seconds
+
+
+# A wall-time budget: a duration (90s, 20m, 1h30m) or seconds, parsed once for every stage that has one
+TimeBudget = Annotated[float | None, BeforeValidator(lambda value: None if value is None else parse_duration(value))]
 
 
 def device_field() -> Any:

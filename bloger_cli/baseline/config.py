@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from bloger_cli.config_base import Device, StrictModel, device_field, seed_field
+from bloger_cli.config_base import Device, StrictModel, TimeBudget, device_field, seed_field
 from bloger_cli.cutoffs import DEFAULT_KS, parse_ks, positive_ks
 
 
@@ -35,6 +35,9 @@ class BaselineConfig(StrictModel):
 
     model: Literal["sasrec", "popularity"] = Field("sasrec", description="sasrec or popularity")
     epochs: int = Field(200, ge=1, description="maximum SASRec epochs")
+    time_budget: TimeBudget = Field(None, description="stop SASRec's training after this much wall time, e.g. "
+                                    "90s, 20m, 1h30m (seconds when a number); validation then ends the epoch "
+                                    "in progress")
     batch_size: int = Field(256, ge=1, description="training samples per step")
     patience: int | None = Field(10, ge=1, description="stop after this many epochs without a better "
                                  "validation NDCG@10 (None: run every epoch)")

@@ -92,6 +92,7 @@ def train_sasrec(ctx: StageContext, cfg: BaselineConfig, sequences: Path, num_it
              len(train), num_items, device)
     history: list[dict[str, Any]] = []
     best, best_epoch, best_state, step = -1.0, 0, None, 0
+    clock, stopped_by = time.perf_counter(), "epochs"
     for epoch in range(1, cfg.epochs + 1):
         epoch_started = time.perf_counter()
         order = torch.randperm(len(train), generator=generator)
@@ -105,17 +106,25 @@ def train_sasrec(ctx: StageContext, cfg: BaselineConfig, sequences: Path, num_it
                 optimizer.step()
                 total, batches, step = total + loss.item(), batches + 1, step + 1
                 bar.advance()
+                if cfg.time_budget is not None and time.perf_counter() - clock >= cfg.time_budget:
+                    stopped_by = "time_budget"  # this epoch ends here, validated like any other
+                    break
         val = summarize(score_ranks(model, valid, 10, cfg.eval_batch_size, device, "validating"), [10])
         seconds = time.perf_counter() - epoch_started
         history.append({"event": "epoch", "epoch": epoch, "step": step, "lr": cfg.sasrec.lr,
                         "train_loss": total / batches, "val_recall_10": val["recall@10"],
-                        "val_ndcg_10": val["ndcg@10"], "seconds": seconds, "samples_per_s": len(train) / seconds})
+                        "val_ndcg_10": val["ndcg@10"], "seconds": seconds,
+                        "samples_per_s": min(len(train), batches * cfg.batch_size) / seconds})
         log.info("epoch %d: loss %.4f, valid R@10 %.4f N@10 %.4f, %.1fs", epoch, total / batches,
                  val["recall@10"], val["ndcg@10"], seconds)
         if val["ndcg@10"] > best:
             best, best_epoch, best_state = val["ndcg@10"], epoch, copy.deepcopy(model.state_dict())
         elif cfg.patience is not None and epoch - best_epoch >= cfg.patience:
             log.info("no better validation NDCG@10 for %d epochs: stopping", cfg.patience)
+            stopped_by = "patience"
+            break
+        if stopped_by == "time_budget":
+            log.info("time budget of %.0f s spent in epoch %d: stopping", cfg.time_budget, epoch)
             break
     assert best_state is not None  # the first epoch always improves on -1
     model.load_state_dict(best_state)
@@ -127,7 +136,8 @@ def train_sasrec(ctx: StageContext, cfg: BaselineConfig, sequences: Path, num_it
                 ctx.metadata("baseline_history", {"mode": "sasrec"}))
     best_row = history[best_epoch - 1]
     return model, {
-        "epochs_run": len(history), "best_epoch": best_epoch, "steps": step, "train_samples": len(train),
+        "epochs_run": len(history), "best_epoch": best_epoch, "stopped_by": stopped_by, "steps": step,
+        "train_samples": len(train),
         "val_users": len(valid), "val_recall@10": best_row["val_recall_10"], "val_ndcg@10": best_row["val_ndcg_10"],
         "parameters": num_parameters(model), "device": str(device), "device_name": _device_name(device),
         "seconds_per_epoch": round(float(np.median([r["seconds"] for r in history])), 3),

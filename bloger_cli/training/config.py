@@ -4,13 +4,12 @@ validation (`[train-bilevel.train]`) and the tokenizer's updates in modes joint 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, field_validator
 
-from bloger_cli.config_base import MAX_BAD_STEPS, Device, MaxBadSteps, StrictModel, device_field, seed_field
+from bloger_cli.config_base import MAX_BAD_STEPS, Device, MaxBadSteps, StrictModel, TimeBudget, device_field, seed_field
 
 
 class ModelConfig(StrictModel):
@@ -52,8 +51,8 @@ class TrainConfig(StrictModel):
                                          "every `eval_every` epochs (long epochs, time budgets)")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps (the schedule "
                                   "spans them)")
-    time_budget: float | None = Field(None, description="stop after this much wall time, e.g. 90s, 20m, 1h30m "
-                                      "(seconds when a number); the schedule spans it")
+    time_budget: TimeBudget = Field(None, description="stop after this much wall time, e.g. 90s, 20m, 1h30m "
+                                    "(seconds when a number); the schedule spans it")
     decay_start: float = Field(0.0, ge=0.0, lt=1.0, description="share of the run at the full rate before the "
                                "decay begins (after the warmup)")
     max_bad_steps: MaxBadSteps = MAX_BAD_STEPS
@@ -62,33 +61,6 @@ class TrainConfig(StrictModel):
         "WORKSPACE/tensorboard/[RUN/]RUN_ID (needs bloger[tensorboard])")
     bucket_group: int | None = Field(50, ge=1, description="length-grouped batches: shuffle, sort megabatches "
                                      "of this many batches by history length, shuffle the batches (None: off)")
-
-    @field_validator("time_budget", mode="before")
-    @classmethod
-    def _parse_budget(cls, value: Any) -> Any:
-        return None if value is None else parse_duration(value)
-
-
-_DURATION = re.compile(r"(?:(\d+(?:\.\d*)?)h)?(?:(\d+(?:\.\d*)?)m)?(?:(\d+(?:\.\d*)?)s)?")
-
-
-def parse_duration(value: Any) -> float:
-    """`90`, `90s`, `20m`, `1h30m`, `1.5h` -> seconds (> 0); anything else is a ValueError."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        text = str(value).strip().lower().replace(" ", "")
-        match = _DURATION.fullmatch(text) if text else None
-        if text.replace(".", "", 1).isdigit():
-            seconds = float(text)
-        elif match is None or not any(match.groups()):
-            raise ValueError(f"time budget must be a duration like 90s, 20m or 1h30m (got {value!r})")
-        else:
-            h, m, sec = (float(g or 0) for g in match.groups())
-            seconds = 3600 * h + 60 * m + sec
-    if not seconds > 0 or seconds == float("inf"):
-        raise ValueError(f"time budget must be more than 0 seconds (got {value!r})")
-    return seconds
 
 
 class BilevelConfig(StrictModel):

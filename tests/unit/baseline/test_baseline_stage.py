@@ -80,3 +80,18 @@ def test_without_prepare_says_what_to_run(tmp_path: Path) -> None:
 def test_hidden_must_divide_into_heads() -> None:
     with pytest.raises(ValueError, match=r"hidden \(10\) must be a multiple of heads \(3\)"):
         SASRecConfig(hidden=10, heads=3)
+
+
+def test_a_time_budget_ends_sasrec_inside_an_epoch_with_a_validation(items64_workspace: Path) -> None:
+    ws = Workspace(items64_workspace)
+    result = baseline.run(sasrec_config(epochs=50, batch_size=4, time_budget="0.05s", patience=None), ws).result
+    assert result["stopped_by"] == "time_budget" and result["epochs_run"] < 50
+    history = pq.read_table(ws.path("baseline_history")).to_pylist()
+    assert len(history) == result["epochs_run"] and history[-1]["val_ndcg_10"] is not None
+    assert result["steps"] < 50 * -(-result["train_samples"] // 4)
+
+
+def test_the_time_budget_reads_like_train_bilevels() -> None:
+    assert sasrec_config(time_budget="1m30s").time_budget == 90.0
+    with pytest.raises(ValueError, match="time budget must be a duration"):
+        sasrec_config(time_budget="soon")
