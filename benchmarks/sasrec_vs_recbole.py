@@ -130,7 +130,7 @@ METRICS = ("recall@10", "ndcg@10", "val_recall@10", "val_ndcg@10")
 def summarize(rows: list[dict]) -> dict:
     """Per side: mean ± 95% interval of each metric and the median seconds per epoch; per metric, the paired
     relative difference (bloger - RecBole) / RecBole over the seeds both sides ran."""
-    out: dict = {"sides": {}, "paired": {}}
+    out: dict = {"seeds": sorted({r["seed"] for r in rows}), "sides": {}, "paired": {}}
     for side in ("bloger", "recbole"):
         mine = [r for r in rows if r["side"] == side]
         if mine:
@@ -157,7 +157,8 @@ def _pm(pair: tuple[float, float], digits: int = 4) -> str:
 
 def markdown(summary: dict, command: str, machine: str, when: str) -> str:
     lines = ["# SASRec: bloger baseline against RecBole 1.2.1 (generated; do not edit)", "",
-             f"Command: `{command}`  ", f"Machine: {machine}  ", f"Finished: {when}", "",
+             f"Command: `{command}`  ", f"Machine: {machine}  ",
+             f"Seeds: {', '.join(map(str, summary['seeds']))} (each on both sides)  ", f"Finished: {when}", "",
              "ml-100k, 5-core, leave-one-out by time, history <= 20, full ranking over all items, CE loss, 2 blocks, "
              "2 heads, hidden 64, dropout 0.2, lr 1e-3, batch 256, best epoch on validation NDCG@10 (patience in "
              "the command). Mean ± 95% t interval over seeds; the paired row is the mean of (bloger - RecBole) / "
