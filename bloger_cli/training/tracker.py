@@ -16,7 +16,6 @@ from typing import Any, Protocol
 
 from bloger_cli.errors import ConfigError
 
-TRACKERS = ("none", "tensorboard")
 TRACKER_DIR = "tensorboard"  # under the workspace root: one folder per run name, one per run in it
 SKIPPED = frozenset({"event", "epoch", "step"})  # the row's position, not a measurement
 
@@ -71,9 +70,5 @@ class TensorBoardTracker:
 
 
 def open_tracker(kind: str, directory: Path, purge_step: int | None = None) -> Tracker | None:
-    """The tracker `train.tracker` names (None for "none")."""
-    if kind == "none":
-        return None
-    if kind == "tensorboard":
-        return TensorBoardTracker(directory, purge_step)
-    raise ConfigError(f"train.tracker: unknown tracker {kind!r} (choose from {', '.join(TRACKERS)})")
+    """The tracker `train.tracker` names (None for "none"; the config admits no other names)."""
+    return None if kind == "none" else TensorBoardTracker(directory, purge_step)
